@@ -139,11 +139,62 @@ def _region_matches(
     return bool(iou_matrix(predicted, gold.boxes).max() > threshold)
 
 
+class _Scores:
+    """The MNER, GMNER and EEG tallies of a split, fed one tweet at a time."""
+
+    def __init__(self, iou_threshold: float):
+        self.threshold = iou_threshold
+        self.mner = _Tally()
+        self.gmner = {p: _Tally() for p in PROTOCOLS}
+        self.eeg = {p: _Tally() for p in PROTOCOLS}  # type ignored: everything under one key
+        self.groundable = self.covered = 0
+
+    def add_gold(self, entity: _GoldEntity) -> None:
+        for tally in (self.mner, *self.gmner.values()):
+            tally.gold[entity.type] += 1
+        for tally in self.eeg.values():
+            tally.gold["*"] += 1
+        if len(entity.boxes):
+            self.groundable += 1
+            self.covered += bool(entity.covering.any())
+
+    def add_predictions(
+        self, entities: list[dict], gold: dict[tuple[int, int], _GoldEntity], candidates: np.ndarray
+    ) -> None:
+        def region_ok(entity: dict, match: _GoldEntity, protocol: str) -> bool:
+            return _region_matches(entity, match, candidates, protocol, self.threshold)
+
+        for entity in _first_per_key(entities, ("start", "end", "type")):
+            match = gold.get((entity["start"], entity["end"]))
+            typed = match is not None and match.type == entity["type"]
+            self.mner.add_prediction(entity["type"], typed)
+            for protocol, tally in self.gmner.items():
+                tally.add_prediction(entity["type"], typed and region_ok(entity, match, protocol))
+        for entity in _first_per_key(entities, ("start", "end")):
+            match = gold.get((entity["start"], entity["end"]))
+            for protocol, tally in self.eeg.items():
+                tally.add_prediction("*", match is not None and region_ok(entity, match, protocol))
+
+    def report(self, tweets: int) -> dict:
+        return {
+            "mner": self.mner.report(),
+            "eeg": {p: tally.overall() for p, tally in self.eeg.items()},
+            "gmner": {p: tally.report() for p, tally in self.gmner.items()},
+            "coverage": {
+                "groundable": self.groundable,
+                "covered": self.covered,
+                "coverage": round(100.0 * self.covered / self.groundable, 4) if self.groundable else 0.0,
+            },
+            "tweets": tweets,
+        }
+
+
 def score(gold: pa.Table, pred: pa.Table, regions: pa.Table | None = None, iou_threshold: float = 0.5) -> dict:
     """Score ``pred`` (schema.PREDICTIONS) against ``gold`` (schema.TWEETS) with ``regions`` (schema.REGIONS).
 
     Returns ``{"mner": {"overall", "per_type"}, "eeg": {protocol: overall}, "gmner": {protocol: {"overall",
-    "per_type"}}, "coverage": {...}, "tweets": n}``.  A gold tweet without predictions predicted nothing.
+    "per_type"}}, "coverage": {"groundable", "covered", "coverage"}, "tweets": n}``; each P/R/F1 entry also
+    holds tp, fp and fn.  A gold tweet without predictions predicted nothing.
     """
     candidates_of = _candidates_by_image(regions)
     gold_rows = gold.select(["tweet_id", "image_sha256", "entities"]).to_pylist()
@@ -152,71 +203,33 @@ def score(gold: pa.Table, pred: pa.Table, regions: pa.Table | None = None, iou_t
         raise DataError("gold tweets", "a tweet id appears more than once")
     predictions = _predictions_by_tweet(pred, gold_ids)
 
-    mner = _Tally()
-    gmner = {p: _Tally() for p in PROTOCOLS}
-    eeg = {p: _Tally() for p in PROTOCOLS}
-    groundable = covered = 0
+    scores = _Scores(iou_threshold)
     for row in gold_rows:
         tweet_id, sha = row["tweet_id"], row["image_sha256"]
-        where = f"tweet {tweet_id}"
         if candidates_of is None or sha is None:
             candidates = _NO_BOXES
         elif sha in candidates_of:
             candidates = candidates_of[sha]
         else:
-            raise DataError(where, f"image {sha} has no row in the regions table")
+            raise DataError(f"tweet {tweet_id}", f"image {sha} has no row in the regions table")
 
-        spans: dict[tuple[int, int], _GoldEntity] = {}
+        gold_spans: dict[tuple[int, int], _GoldEntity] = {}
         for entity in row["entities"] or []:
             span = (entity["start"], entity["end"])
-            if span in spans:
-                raise DataError(where, f"gold span {span} appears twice")
-            spans[span] = gold_entity = _GoldEntity(entity["type"], _boxes(entity["boxes"]), candidates, iou_threshold)
-            mner.gold[gold_entity.type] += 1
-            for tally in (*gmner.values(), *eeg.values()):
-                tally.gold[gold_entity.type] += 1
-            if len(gold_entity.boxes):
-                groundable += 1
-                covered += bool(gold_entity.covering.any())
+            if span in gold_spans:
+                raise DataError(f"tweet {tweet_id}", f"gold span {span} appears twice")
+            gold_spans[span] = _GoldEntity(entity["type"], _boxes(entity["boxes"]), candidates, iou_threshold)
+            scores.add_gold(gold_spans[span])
 
         entities = predictions.get(tweet_id, [])
         for entity in entities:
-            region = entity["region"]
-            if region is not None and not 0 <= region < len(candidates):
+            if entity["region"] is not None and not 0 <= entity["region"] < len(candidates):
                 raise DataError(
-                    f"predictions for {where}",
-                    f"region {region} out of range: the image has {len(candidates)} detector candidates",
+                    f"predictions for tweet {tweet_id}",
+                    f"region {entity['region']} out of range: the image has {len(candidates)} detector candidates",
                 )
-
-        def region_ok(entity: dict, gold_entity: _GoldEntity, protocol: str) -> bool:
-            return _region_matches(entity, gold_entity, candidates, protocol, iou_threshold)
-
-        for entity in _first_per_key(entities, ("start", "end", "type")):
-            match = spans.get((entity["start"], entity["end"]))
-            typed = match is not None and match.type == entity["type"]
-            mner.add_prediction(entity["type"], typed)
-            for protocol, tally in gmner.items():
-                tally.add_prediction(entity["type"], typed and region_ok(entity, match, protocol))
-
-        # EEG ignores types, so its tallies keep everything under one key.
-        for entity in _first_per_key(entities, ("start", "end")):
-            match = spans.get((entity["start"], entity["end"]))
-            for protocol, tally in eeg.items():
-                tally.add_prediction("*", match is not None and region_ok(entity, match, protocol))
-
-    for tally in eeg.values():
-        tally.gold = Counter({"*": sum(tally.gold.values())})
-    return {
-        "mner": mner.report(),
-        "eeg": {p: tally.overall() for p, tally in eeg.items()},
-        "gmner": {p: tally.report() for p, tally in gmner.items()},
-        "coverage": {
-            "groundable": groundable,
-            "covered": covered,
-            "coverage": round(100.0 * covered / groundable, 4) if groundable else 0.0,
-        },
-        "tweets": len(gold_rows),
-    }
+        scores.add_predictions(entities, gold_spans, candidates)
+    return scores.report(len(gold_rows))
 
 
 def _checked_predictions(predictions: pa.Table, tweets: pa.Table, model: str, split: str) -> pa.Table:
@@ -233,7 +246,8 @@ def run_stage(params: dict, model: str = "tagger", root: str | Path = ".") -> No
     """Predict every split of ``params["evaluate"]["splits"]`` found in data/prepared/ with models/<model>.
 
     Writes data/predictions/<model>/<split>.parquet, metrics/<model>.json (``{split: score}``) and
-    metrics/<model>_per_type.md, all relative to ``root``.
+    metrics/<model>_per_type.md, all relative to ``root``.  Absent or empty splits (prepare writes an empty
+    table for a missing CoNLL file) are left out.
     """
     from gmner.params import resolve_device, seed_everything
     from gmner.predictor import load
@@ -242,16 +256,19 @@ def run_stage(params: dict, model: str = "tagger", root: str | Path = ".") -> No
     root = Path(root)
     cfg = params["evaluate"]
     prepared = root / "data" / "prepared"
-    splits = [s for s in cfg["splits"] if (prepared / f"{s}.parquet").exists()]
+    splits = {}
+    for split in cfg["splits"]:
+        path = prepared / f"{split}.parquet"
+        if path.exists() and (tweets := pq.read_table(path)).num_rows:
+            splits[split] = tweets
     if not splits:
-        raise DataError(str(prepared), f"none of the splits {cfg['splits']} has a prepared .parquet file")
+        raise DataError(str(prepared), f"none of the splits {cfg['splits']} has a non-empty prepared .parquet file")
     regions = pq.read_table(root / cfg["regions"]) if cfg.get("regions") else None
 
     seed_everything(params["base"]["seed"])
     predictor = load(root / "models" / model, resolve_device(params["base"]["device"]))
     scores = {}
-    for split in splits:
-        tweets = pq.read_table(prepared / f"{split}.parquet")
+    for split, tweets in splits.items():
         predictions = _checked_predictions(predictor.predict(tweets, regions), tweets, model, split)
         write_parquet(root / "data" / "predictions" / model / f"{split}.parquet", predictions)
         scores[split] = score(tweets, predictions, regions, cfg["iou_threshold"])

@@ -11,7 +11,7 @@ import yaml
 
 
 def load_params(path: str | os.PathLike = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """Load params.yaml; ``overrides`` are ``group.key=value`` strings parsed as YAML values."""
+    """Load params.yaml; ``overrides`` are ``group.key=value`` strings parsed as YAML values (3e-5 included)."""
     params = yaml.safe_load(Path(path).read_text())
     for item in overrides or []:
         key, sep, value = item.partition("=")
@@ -21,8 +21,19 @@ def load_params(path: str | os.PathLike = "params.yaml", overrides: list[str] | 
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _parse_value(value)
     return params
+
+
+def _parse_value(text: str):
+    # YAML 1.1 reads "3e-5" as a string; users writing learning rates mean a number.
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def seed_everything(seed: int) -> None:

@@ -22,7 +22,7 @@ TWEETS = pa.schema(
         ("split", pa.string()),
         ("source", pa.string()),
         ("image_id", pa.string()),
-        ("image_path", pa.string()),  # absolute path; null when the image is missing
+        ("image_path", pa.string()),  # as params spell it (relative stays relative); set even when missing
         ("image_sha256", pa.string()),  # null when the image is missing
         ("width", pa.int32()),
         ("height", pa.int32()),

@@ -1,0 +1,37 @@
+"""prepare on the real Twitter10000 v2 annotations beside the repo (skipped when ../shared is absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gmner.params import load_params
+from gmner.prepare import prepare_split
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "twitter10000_v2"
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
+
+
+@pytest.mark.parametrize(
+    ("split", "tweets", "entities", "groundable"), [("train", 7000, 11779, 4733), ("dev", 1500, 2450, 991)]
+)
+def test_default_policy_counts(split, tweets, entities, groundable):
+    cfg = load_params(REPO / "params.yaml")["prepare"]
+    table, summary = prepare_split(
+        DATA / cfg["files"][split],
+        split=split,
+        images_dir=DATA / cfg["images_dir"],
+        image_ext=cfg["image_ext"],
+        xml_dir=DATA / cfg["xml_dir"],
+        types=cfg["types"],
+        policy=cfg["policy"],
+        box_tolerance=cfg["box_tolerance"],
+    )
+    assert (summary["tweets"], summary["entities"], summary["groundable_entities"]) == (tweets, entities, groundable)
+    assert table.num_rows == tweets
+    # The images are not distributed with the annotations: every tweet is text-only and counted as such.
+    assert summary["text_only_tweets"] == tweets
+    assert summary["policy"]["counts"] == {"skip:missing_image": tweets}
