@@ -309,13 +309,18 @@ def test_stage_writes_predictions_metrics_and_markdown(tmp_path, monkeypatch):
     predictions = pq.read_table(tmp_path / "data" / "predictions" / "fake" / "dev.parquet")
     assert predictions.schema == schema.PREDICTIONS
     assert predictions.column("tweet_id").to_pylist() == ["t1", "t2"]
-    text = (tmp_path / "metrics" / "fake.json").read_text()
+    text = (tmp_path / "metrics" / "fake_detail.json").read_text()
     scores = json.loads(text)
     assert list(scores) == ["dev"]
     assert scores["dev"]["mner"]["overall"] == metrics(100, 100, 100, 3, 0, 0)
     assert scores["dev"]["gmner"]["candidates"]["overall"] == metrics(66.6667, 66.6667, 66.6667, 2, 1, 1)
     assert scores["dev"]["coverage"] == {"groundable": 2, "covered": 1, "coverage": 50.0}
     assert text == json.dumps(scores, indent=2, sort_keys=True) + "\n"
+    headline = json.loads((tmp_path / "metrics" / "fake.json").read_text())  # the DVC metric: overall P / R / F1
+    assert headline["dev"]["mner"] == {"precision": 100.0, "recall": 100.0, "f1": 100.0}
+    assert headline["dev"]["gmner"]["candidates"] == {"precision": 66.6667, "recall": 66.6667, "f1": 66.6667}
+    assert headline["dev"]["eeg"]["boxes"]["f1"] == scores["dev"]["eeg"]["boxes"]["f1"]
+    assert headline["dev"]["candidate_coverage"] == 50.0
     markdown = (tmp_path / "metrics" / "fake_per_type.md").read_text()
     assert markdown.startswith("# Scores of model `fake`\n\n## dev\n\n2 tweets; detector candidates cover 1 of 2")
     assert "| overall | 3 | 100.00 | 100.00 | 100.00 | 66.67 | 66.67 | 66.67 |" in markdown

@@ -114,7 +114,7 @@ def test_conll_mner_types_from_data(tmp_path):
 
 def test_deterministic_bytes(tmp_path):
     xml = voc(("John Smith", (1, 2, 30, 40)), ("Paris", (5, 5, 50, 50)))
-    root = make_gmner(tmp_path / "data", TWEET_12 + "\n" + TWEET_13, {"12": xml}, {"12": (100, 80)})
+    make_gmner(tmp_path / "data", TWEET_12 + "\n" + TWEET_13, {"12": xml}, {"12": (100, 80)})
     params = {
         "base": {"data_root": (tmp_path / "data").as_posix()},
         "prepare": {

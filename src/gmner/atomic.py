@@ -13,7 +13,6 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -40,10 +39,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     A folder cannot be renamed onto a non-empty one, so the old folder is first renamed aside: a run killed
     between the two renames leaves ``path`` absent (never half written) and the stage simply runs again.
+    Leftovers of killed runs are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.parent.glob(f".{path.name}.*.tmp"), *path.parent.glob(f".{path.name}.*.old")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private; outputs are not
     try:
         yield tmp
         old = tmp.with_suffix(".old")

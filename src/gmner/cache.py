@@ -23,6 +23,25 @@ from gmner.atomic import write_bytes
 _MAGIC = b"GMNC1"
 
 
+def encode_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json(blob: bytes):
+    return json.loads(blob)
+
+
+def encode_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
 def digest(*parts) -> str:
     """sha256 over canonical JSON of ``parts``: the one way keys and fingerprints are derived."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
@@ -61,22 +80,17 @@ class ItemCache:
 
     def get_json(self, key: str):
         blob = self.get(key)
-        return None if blob is None else json.loads(blob)
+        return None if blob is None else decode_json(blob)
 
     def put_json(self, key: str, obj) -> None:
-        self.put(key, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+        self.put(key, encode_json(obj))
 
     def get_arrays(self, key: str) -> dict[str, np.ndarray] | None:
         blob = self.get(key)
-        if blob is None:
-            return None
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        return None if blob is None else decode_arrays(blob)
 
     def put_arrays(self, key: str, **arrays: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        self.put(key, buf.getvalue())
+        self.put(key, encode_arrays(arrays))
 
     def stats(self) -> dict:
         return {"cache_hits": self.hits, "cache_misses": self.misses, "corrupt_entries": self.corrupt}

@@ -21,6 +21,10 @@ SetOpt = typer.Option(None, "--set", help="override a param, e.g. --set train.lr
 STAGES = {
     "sample": ("gmner.sample", "Generate the embedded synthetic sample dataset into data/sample."),
     "prepare": ("gmner.prepare", "Read a dataset folder into data/prepared/<split>.parquet."),
+    "detect": ("gmner.detect", "Detect top-K candidate regions per image into data/regions.parquet."),
+    "caption": ("gmner.caption", "Caption every image with BLIP into data/captions.parquet."),
+    "synthesize": ("gmner.synthesize", "Generate images from tweet text and score the originals' relevance."),
+    "features": ("gmner.features", "Embed images, regions, generated images and text into data/features/."),
     "train": ("gmner.train_tagger", "Train the transformer + CRF text tagger into models/tagger."),
 }
 

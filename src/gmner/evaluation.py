@@ -232,6 +232,20 @@ def score(gold: pa.Table, pred: pa.Table, regions: pa.Table | None = None, iou_t
     return scores.report(len(gold_rows))
 
 
+def headline(scores: dict) -> dict:
+    """The overall P / R / F1 of a score dict, without counts or per-type rows: what `dvc metrics diff` shows."""
+
+    def prf_only(entry: dict) -> dict:
+        return {k: entry[k] for k in ("precision", "recall", "f1")}
+
+    return {
+        "mner": prf_only(scores["mner"]["overall"]),
+        "gmner": {p: prf_only(scores["gmner"][p]["overall"]) for p in PROTOCOLS},
+        "eeg": {p: prf_only(scores["eeg"][p]) for p in PROTOCOLS},
+        "candidate_coverage": scores["coverage"]["coverage"],
+    }
+
+
 def _checked_predictions(predictions: pa.Table, tweets: pa.Table, model: str, split: str) -> pa.Table:
     """The predictor's output cast to schema.PREDICTIONS, after checking it has one row per tweet in order."""
     where = f"predictions of model {model} on split {split}"
@@ -245,7 +259,8 @@ def _checked_predictions(predictions: pa.Table, tweets: pa.Table, model: str, sp
 def run_stage(params: dict, model: str = "tagger", root: str | Path = ".") -> None:
     """Predict every split of ``params["evaluate"]["splits"]`` found in data/prepared/ with models/<model>.
 
-    Writes data/predictions/<model>/<split>.parquet, metrics/<model>.json (``{split: score}``) and
+    Writes data/predictions/<model>/<split>.parquet, metrics/<model>.json (``{split: headline(score)}``, the
+    DVC metric), metrics/<model>_detail.json (``{split: score}`` with counts and per-type rows) and
     metrics/<model>_per_type.md, all relative to ``root``.  Absent or empty splits (prepare writes an empty
     table for a missing CoNLL file) are left out.
     """
@@ -272,5 +287,6 @@ def run_stage(params: dict, model: str = "tagger", root: str | Path = ".") -> No
         predictions = _checked_predictions(predictor.predict(tweets, regions), tweets, model, split)
         write_parquet(root / "data" / "predictions" / model / f"{split}.parquet", predictions)
         scores[split] = score(tweets, predictions, regions, cfg["iou_threshold"])
-    write_json(root / "metrics" / f"{model}.json", scores)
+    write_json(root / "metrics" / f"{model}.json", {split: headline(s) for split, s in scores.items()})
+    write_json(root / "metrics" / f"{model}_detail.json", scores)
     write_text(root / "metrics" / f"{model}_per_type.md", metrics_markdown(scores, model))

@@ -26,13 +26,11 @@ from PIL import Image
 from gmner import bio
 from gmner.atomic import write_json, write_parquet
 from gmner.errors import DataError, Policy
-from gmner.readers import Tweet, box_problem, clip_box, read_conll, read_voc
+from gmner.images import displayed_size
+from gmner.readers import box_problem, clip_box, read_conll, read_voc
 from gmner.schema import TWEETS
 
 FORMATS = ("twitter-gmner", "conll-mner")
-# Sizes are of the image as displayed (after EXIF rotation), the frame gmner.images loads boxes in.
-_EXIF_ORIENTATION = 0x0112
-_ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 
 # Policy reason -> the actions it allows (see params.yaml `prepare.policy`); a reason the caller leaves out is "error".
 REASONS = {
@@ -177,9 +175,7 @@ def _image_info(path: Path) -> tuple[str, int, int] | None:
     data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as im:  # lazy: parses the header, decodes no pixels
-            width, height = im.size
-            if im.getexif().get(_EXIF_ORIENTATION, 1) in _ROTATING_ORIENTATIONS:
-                width, height = height, width
+            width, height = displayed_size(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     return hashlib.sha256(data).hexdigest(), width, height

@@ -40,8 +40,6 @@ import io
 import json
 import math
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -49,6 +47,7 @@ from xml.sax.saxutils import escape
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from gmner.atomic import atomic_dir
 from gmner.bio import tags_from_spans
 
 SAMPLE_DIR = Path("data/sample")
@@ -618,35 +617,14 @@ def generate(out_dir: Path, *, seed: int, sizes: dict[str, int], image_size: int
     if total > 900_000:
         raise ValueError(f"sample too large: {total} tweets (ids are six digits)")
     ids = [str(i) for i in random.Random(f"gmner-sample/{seed}/ids").sample(range(100_000, 1_000_000), total)]
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for suffix in (".tmp", ".old"):  # folders a killed run left behind
-        for stale in out_dir.parent.glob(f".{out_dir.name}.*{suffix}"):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the dataset is not
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         (tmp / "xml").mkdir()
         summary, start = {}, 0
         for split, n in sizes.items():
             summary[split] = _write_split(tmp, split, ids[start : start + n], seed, image_size)
             start += n
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap a fully written folder into place: ``target`` is either the old or the new folder, never a mix."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        target.rename(old / target.name)
-        new.rename(target)
-        shutil.rmtree(old)
-    else:
-        new.rename(target)
 
 
 def run_stage(params: dict) -> None:

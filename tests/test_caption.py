@@ -1,0 +1,85 @@
+"""The caption stage on a handful of tiny images, with a random-weight BLIP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from vision_data import vision_params, write_prepared
+
+from gmner.caption import CAPTIONS, run_stage
+from gmner.errors import DataError
+from gmner.item_stage import ModelUnavailable
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caption")
+    shas = write_prepared(root)
+    first = run_stage(vision_params(), root)
+    first_bytes = (root / "data" / "captions.parquet").read_bytes()
+    second = run_stage(vision_params(), root)
+    return root, shas, first, second, first_bytes
+
+
+def test_one_row_per_distinct_image_with_flagged_failures(captioned):
+    root, shas, first, _, _ = captioned
+    table = pq.read_table(root / "data" / "captions.parquet")
+    assert table.schema == CAPTIONS
+    rows = {row["image_sha256"]: row for row in table.to_pylist()}
+    assert table.column("image_sha256").to_pylist() == sorted(shas.values())
+    for name in "abc":
+        assert isinstance(rows[shas[name]]["caption"], str) and rows[shas[name]]["skip_reason"] is None
+    assert rows[shas["bad"]] == {"image_sha256": shas["bad"], "caption": None, "skip_reason": "not_an_image"}
+    assert rows[shas["gone"]] == {"image_sha256": shas["gone"], "caption": None, "skip_reason": "missing_image"}
+    assert first["images"] == 5 and first["model_calls"] == 3 and first["flagged"] == 2
+    assert first["skipped"] == {"skip:missing_image": 1, "skip:not_an_image": 1}
+    summary = json.loads((root / "data" / "caption_summary.json").read_text())
+    assert summary["model_calls"] == 0 and summary["cache_hits"] == 3  # the second run wrote it
+
+
+def test_rerun_reuses_the_cache_and_writes_identical_bytes(captioned):
+    root, _, _, second, first_bytes = captioned
+    assert second["model_calls"] == 0 and second["cache_hits"] == 3
+    assert (root / "data" / "captions.parquet").read_bytes() == first_bytes
+
+
+def test_generation_params_change_the_cache_key(captioned, tmp_path):
+    root, *_ = captioned
+    shutil.copytree(root, tmp_path / "copy")
+    params = vision_params(caption={"generate": {"max_new_tokens": 3, "num_beams": 1, "do_sample": False}})
+    assert run_stage(params, tmp_path / "copy")["model_calls"] == 3
+    assert run_stage(vision_params(), tmp_path / "copy")["model_calls"] == 0
+
+
+def test_policy_error_stops_with_the_image_path(tmp_path):
+    write_prepared(tmp_path)
+    params = vision_params()
+    params["caption"]["policy"]["not_an_image"] = "error"
+    with pytest.raises(DataError, match=r"images/bad\.png"):
+        run_stage(params, tmp_path)
+
+
+def test_unreachable_model_id_is_named(tmp_path):
+    write_prepared(tmp_path)
+    with pytest.raises(ModelUnavailable, match=r"caption\.model: 'no-such-org/blip-nowhere'"):
+        run_stage(vision_params(caption={"model": "no-such-org/blip-nowhere"}), tmp_path)
+
+
+def test_a_saved_tiny_model_loads_from_its_folder(captioned, tmp_path):
+    import torch
+
+    from gmner.vision_models import Captioner
+
+    *_, first_bytes = captioned
+    params = vision_params()
+    model, processor = Captioner(params["caption"], params["base"]["seed"], torch.device("cpu")).parts
+    model.save_pretrained(tmp_path / "blip")
+    processor.save_pretrained(tmp_path / "blip")
+    write_prepared(tmp_path / "data_root")
+    run_stage(vision_params(caption={"model": str(tmp_path / "blip")}), tmp_path / "data_root")
+    expected = pq.read_table(pa.BufferReader(first_bytes)).column("caption").to_pylist()
+    assert pq.read_table(tmp_path / "data_root" / "data" / "captions.parquet").column("caption").to_pylist() == expected

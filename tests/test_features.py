@@ -1,0 +1,161 @@
+"""The features stage with tiny random-weight encoders (open_clip, transformers CLIP and ViT)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from vision_data import vision_params, write_prepared
+
+from gmner.features import images_schema, regions_schema, run_stage, text_schema
+from gmner.schema import REGIONS
+from gmner.synthesize import SYNTHESIZED
+
+OUTPUTS = ("images", "regions", "generated", "text")
+
+
+def write_inputs(root: Path) -> dict:
+    """Prepared tweets plus the small regions and synthesized tables the features stage reads."""
+    shas = write_prepared(root)
+    regions = [
+        # a: the whole image, a box, and a degenerate box, which still gets a (one-pixel) crop.
+        {"image_sha256": shas["a"], "boxes": [[0, 0, 40, 30], [5.5, 5, 39.5, 29.9], [3, 3, 3, 3]],
+         "scores": [0.9, 0.8, 0.1], "labels": ["x", "y", "z"]},
+        {"image_sha256": shas["b"], "boxes": [], "scores": [], "labels": []},
+        {"image_sha256": shas["gone"], "boxes": [[0, 0, 5, 5]], "scores": [0.5], "labels": ["x"]},
+    ]
+    pq.write_table(pa.Table.from_pylist(regions, schema=REGIONS), root / "data" / "regions.parquet")
+    generated = root / "gen"
+    generated.mkdir()
+    shutil.copy(root / "images" / "b.png", generated / "g1.png")
+    shutil.copy(root / "images" / "c.png", generated / "g2.png")
+    sha = {n: hashlib.sha256((generated / f"{n}.png").read_bytes()).hexdigest() for n in ("g1", "g2")}
+    sha["lost"] = "0" * 64
+    entity = {"start": 0, "end": 1, "type": "PER", "text": "Obama", "prompt": "a photo of Obama"}
+    rows = [
+        {"tweet_id": "t1", "split": "train", "prompt": "p1", "image_path": "gen/g1.png", "image_sha256": sha["g1"],
+         "seed": 1, "relevance": 0.5, "relevant": False, "skip_reason": None,
+         "entities": [{**entity, "image_path": "gen/g2.png", "image_sha256": sha["g2"]}]},
+        {"tweet_id": "t2", "split": "train", "prompt": "p2", "image_path": "gen/lost.png", "image_sha256": sha["lost"],
+         "seed": 2, "relevance": None, "relevant": None, "skip_reason": "no_image", "entities": []},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=SYNTHESIZED), root / "data" / "synthesized.parquet")
+    return {**shas, **sha}
+
+
+def _table(root: Path, name: str) -> pa.Table:
+    return pq.read_table(root / "data" / "features" / f"{name}.parquet")
+
+
+@pytest.fixture(scope="module")
+def featured(tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    shas = write_inputs(root)
+    first = run_stage(vision_params(), root)
+    first_bytes = {name: (root / "data" / "features" / f"{name}.parquet").read_bytes() for name in OUTPUTS}
+    second = run_stage(vision_params(), root)
+    return root, shas, first, second, first_bytes
+
+
+def test_image_embeddings_and_patch_tokens_with_flagged_rows(featured):
+    root, shas, first, _, _ = featured
+    table = _table(root, "images")
+    assert table.schema == images_schema(64, (16, 64))  # tiny: 64-d, (64 / 16) ** 2 patches of width 64
+    rows = {row["image_sha256"]: row for row in table.to_pylist()}
+    assert list(rows) == sorted(shas[n] for n in ("a", "b", "c", "bad", "gone"))
+    for name in "abc":
+        embedding, tokens = np.array(rows[shas[name]]["embedding"]), np.array(rows[shas[name]]["patch_tokens"])
+        assert embedding.shape == (64,) and tokens.shape == (16, 64) and np.abs(embedding).sum() > 0
+        assert rows[shas[name]]["skip_reason"] is None
+    # Unusable images are null, never a zero vector that looks real.
+    assert {k: rows[shas["bad"]][k] for k in ("embedding", "patch_tokens", "skip_reason")} == {
+        "embedding": None, "patch_tokens": None, "skip_reason": "not_an_image"}
+    assert rows[shas["gone"]]["embedding"] is None and rows[shas["gone"]]["skip_reason"] == "missing_image"
+    assert first["images"]["model_calls"] == 3 and first["images"]["skipped"] == {
+        "skip:missing_image": 1, "skip:not_an_image": 1}
+
+
+def test_region_embeddings_follow_the_boxes(featured):
+    root, shas, *_ = featured
+    table = _table(root, "regions")
+    assert table.schema == regions_schema(64)
+    rows = {row["image_sha256"]: row for row in table.to_pylist()}
+    assert list(rows) == sorted(shas[n] for n in ("a", "b", "gone"))
+    a = np.array(rows[shas["a"]]["embeddings"], dtype=np.float32)
+    assert a.shape == (3, 64) and rows[shas["b"]]["embeddings"] == []
+    assert rows[shas["gone"]] == {"image_sha256": shas["gone"], "embeddings": None, "skip_reason": "missing_image"}
+    # The whole-image box is the whole image: the same embedding as in images.parquet.
+    whole = next(r for r in _table(root, "images").to_pylist() if r["image_sha256"] == shas["a"])["embedding"]
+    np.testing.assert_allclose(a[0], whole, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a[1], a[0])
+
+
+def test_generated_and_text_embeddings(featured):
+    root, shas, first, *_ = featured
+    generated = _table(root, "generated")
+    assert generated.schema == images_schema(64)
+    assert generated.column("image_sha256").to_pylist() == sorted([shas["g1"], shas["g2"], shas["lost"]])
+    assert {r["image_sha256"]: r["skip_reason"] for r in generated.to_pylist()}[shas["lost"]] == "missing_image"
+    # g1 is a copy of image b: the same pixels, the same embedding.
+    image_b = next(r for r in _table(root, "images").to_pylist() if r["image_sha256"] == shas["b"])
+    g1 = next(r for r in generated.to_pylist() if r["image_sha256"] == shas["g1"])
+    assert g1["embedding"] == image_b["embedding"]
+    text = _table(root, "text")
+    assert text.schema == text_schema(64)
+    assert text.column("tweet_id").to_pylist() == [f"t{i}" for i in range(1, 8)]
+    assert text.column("embedding").null_count == 0
+    assert first["text"]["model_calls"] == 7
+
+
+def test_rerun_reuses_the_cache_and_writes_identical_bytes(featured):
+    root, _, first, second, first_bytes = featured
+    assert second["model_calls"] == 0 and second["cache_hits"] == first["model_calls"]
+    for name in OUTPUTS:
+        assert (root / "data" / "features" / f"{name}.parquet").read_bytes() == first_bytes[name], name
+
+
+def test_adding_images_ends_equal_to_a_scratch_run(featured, tmp_path):
+    *_, first_bytes = featured
+    write_inputs(tmp_path)
+    prepared = tmp_path / "data" / "prepared" / "train.parquet"
+    full = pq.read_table(prepared)
+    # Without t1 (image a, also shown by t4) and t3 (image c): two texts and one image are new later.
+    pq.write_table(full.filter(~pc.field("tweet_id").isin(["t1", "t3"])), prepared)
+    run_stage(vision_params(), tmp_path)
+    pq.write_table(full, prepared)
+    again = run_stage(vision_params(), tmp_path)
+    assert again["images"]["model_calls"] == 1 and again["text"]["model_calls"] == 2
+    for name in OUTPUTS:
+        assert (tmp_path / "data" / "features" / f"{name}.parquet").read_bytes() == first_bytes[name], name
+
+
+@pytest.mark.parametrize("backend", ["clip", "vit"])
+def test_transformers_backends(tmp_path, backend):
+    write_inputs(tmp_path)
+    params = vision_params(features={"backend": backend, "text": backend == "clip", "precision": "bf16"})
+    summary = run_stage(params, tmp_path)
+    assert summary["dim"] == 64
+    images = _table(tmp_path, "images")
+    assert images.schema == images_schema(64, (16, 64))
+    assert images.column("embedding").null_count == 2
+    assert _table(tmp_path, "text").num_rows == (7 if backend == "clip" else 0)
+
+
+def test_text_without_a_text_tower_is_refused(tmp_path):
+    write_inputs(tmp_path)
+    with pytest.raises(ValueError, match="features.text needs a text tower"):
+        run_stage(vision_params(features={"backend": "vit"}), tmp_path)
+
+
+def test_missing_regions_table_names_the_stage_to_run(tmp_path):
+    write_inputs(tmp_path)
+    (tmp_path / "data" / "regions.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="run the detect stage first"):
+        run_stage(vision_params(), tmp_path)
+
