@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=1e-3, help="classifier / CRF learning rate (default 1e-3)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="+", choices=("crf", "plain"), default=["crf", "plain"],
+                        help="which of the two to train (e.g. plain only, beside a CRF run of the train stage)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # per-epoch progress from fit
 
@@ -95,6 +97,8 @@ def main() -> None:
     device = resolve_device(args.device)
     results = {}
     for name, tagger in zip(("crf", "plain"), build_pair(cfg, train)):
+        if name not in args.models:
+            continue
         seed_everything(seed)  # same dropout stream for both
         results[name] = fit(tagger.to(device), train, dev, cfg, seed)
 

@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from vision_data import vision_params, write_prepared
 
-from gmner.caption import CAPTIONS, run_stage
+from gmner.caption import run_stage
 from gmner.errors import DataError
 from gmner.item_stage import ModelUnavailable
+from gmner.schema import CAPTIONS
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,16 @@ def test_policy_error_stops_with_the_image_path(tmp_path):
     params["caption"]["policy"]["not_an_image"] = "error"
     with pytest.raises(DataError, match=r"images/bad\.png"):
         run_stage(params, tmp_path)
+
+
+@pytest.mark.parametrize("policy, message", [
+    ({"not_an_image": "skp"}, r"caption\.policy\.not_an_image: 'skp' is not one of error, skip"),
+    ({"unreadable": "skip"}, r"caption\.policy: unknown reasons \['unreadable'\]"),
+])
+def test_policy_param_is_checked(tmp_path, policy, message):
+    write_prepared(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        run_stage(vision_params(caption={"policy": policy}), tmp_path)
 
 
 def test_unreachable_model_id_is_named(tmp_path):

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from vision_data import vision_params, write_prepared
 
-from gmner.features import images_schema, regions_schema, run_stage, text_schema
-from gmner.schema import REGIONS
-from gmner.synthesize import SYNTHESIZED
+from gmner import features
+from gmner.features import run_stage
+from gmner.schema import REGIONS, SYNTHESIZED, image_features_schema, region_features_schema, text_features_schema
 
 OUTPUTS = ("images", "regions", "generated", "text")
 
@@ -66,7 +66,7 @@ def featured(tmp_path_factory):
 def test_image_embeddings_and_patch_tokens_with_flagged_rows(featured):
     root, shas, first, _, _ = featured
     table = _table(root, "images")
-    assert table.schema == images_schema(64, (16, 64))  # tiny: 64-d, (64 / 16) ** 2 patches of width 64
+    assert table.schema == image_features_schema(64, (16, 64))  # tiny: 64-d, (64 / 16) ** 2 patches of width 64
     rows = {row["image_sha256"]: row for row in table.to_pylist()}
     assert list(rows) == sorted(shas[n] for n in ("a", "b", "c", "bad", "gone"))
     for name in "abc":
@@ -84,7 +84,7 @@ def test_image_embeddings_and_patch_tokens_with_flagged_rows(featured):
 def test_region_embeddings_follow_the_boxes(featured):
     root, shas, *_ = featured
     table = _table(root, "regions")
-    assert table.schema == regions_schema(64)
+    assert table.schema == region_features_schema(64)
     rows = {row["image_sha256"]: row for row in table.to_pylist()}
     assert list(rows) == sorted(shas[n] for n in ("a", "b", "gone"))
     a = np.array(rows[shas["a"]]["embeddings"], dtype=np.float32)
@@ -99,7 +99,7 @@ def test_region_embeddings_follow_the_boxes(featured):
 def test_generated_and_text_embeddings(featured):
     root, shas, first, *_ = featured
     generated = _table(root, "generated")
-    assert generated.schema == images_schema(64)
+    assert generated.schema == image_features_schema(64)
     assert generated.column("image_sha256").to_pylist() == sorted([shas["g1"], shas["g2"], shas["lost"]])
     assert {r["image_sha256"]: r["skip_reason"] for r in generated.to_pylist()}[shas["lost"]] == "missing_image"
     # g1 is a copy of image b: the same pixels, the same embedding.
@@ -107,7 +107,7 @@ def test_generated_and_text_embeddings(featured):
     g1 = next(r for r in generated.to_pylist() if r["image_sha256"] == shas["g1"])
     assert g1["embedding"] == image_b["embedding"]
     text = _table(root, "text")
-    assert text.schema == text_schema(64)
+    assert text.schema == text_features_schema(64)
     assert text.column("tweet_id").to_pylist() == [f"t{i}" for i in range(1, 8)]
     assert text.column("embedding").null_count == 0
     assert first["text"]["model_calls"] == 7
@@ -135,6 +135,30 @@ def test_adding_images_ends_equal_to_a_scratch_run(featured, tmp_path):
         assert (tmp_path / "data" / "features" / f"{name}.parquet").read_bytes() == first_bytes[name], name
 
 
+def test_small_row_groups_stream_the_same_rows(featured, tmp_path, monkeypatch):
+    root, *_ = featured
+    shutil.copytree(root, tmp_path / "copy")
+    monkeypatch.setattr(features, "ROW_GROUP_BYTES", 1)  # one row per group: results read one at a time
+    assert run_stage(vision_params(), tmp_path / "copy")["model_calls"] == 0
+    for name in OUTPUTS:
+        streamed = pq.ParquetFile(tmp_path / "copy" / "data" / "features" / f"{name}.parquet")
+        assert streamed.metadata.num_row_groups == streamed.metadata.num_rows, name
+        assert streamed.read().equals(_table(root, name)), name
+
+
+def test_batched_preprocessing_equals_the_per_image_transform():
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from gmner.vision_models import BatchedCompose
+
+    transform = open_clip.image_transform(64, is_train=False)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(5, 9), (80, 30), (64, 64)]]
+    assert torch.equal(BatchedCompose.split(transform)(images), torch.stack([transform(im) for im in images]))
+
+
 @pytest.mark.parametrize("backend", ["clip", "vit"])
 def test_transformers_backends(tmp_path, backend):
     write_inputs(tmp_path)
@@ -142,7 +166,7 @@ def test_transformers_backends(tmp_path, backend):
     summary = run_stage(params, tmp_path)
     assert summary["dim"] == 64
     images = _table(tmp_path, "images")
-    assert images.schema == images_schema(64, (16, 64))
+    assert images.schema == image_features_schema(64, (16, 64))
     assert images.column("embedding").null_count == 2
     assert _table(tmp_path, "text").num_rows == (7 if backend == "clip" else 0)
 

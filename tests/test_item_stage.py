@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from gmner.cache import ItemCache, digest
-from gmner.errors import DataError, Policy
+from gmner.errors import DataError
 from gmner.item_stage import ARRAYS, Item, ModelUnavailable, model_fingerprint, run_items
 
 
@@ -33,7 +33,7 @@ def _run(tmp_path, payloads, compute, policy=None, **kw):
     cache = ItemCache(tmp_path / "cache", "test", digest("fake-model", {"p": 1}))
     items = [Item(f"k{p:03d}", p) for p in payloads]
     return run_items(items, cache=cache, compute=compute, load=load, batch_size=3,
-                     policy=policy or Policy({"broken": "skip"}), **kw)
+                     policy=policy or {"broken": "skip"}, **kw)
 
 
 def test_rerun_is_all_cache_hits_and_identical(tmp_path):
@@ -77,13 +77,13 @@ def test_bad_items_are_counted_skips_and_not_cached(tmp_path, num_workers):
 
 def test_error_policy_stops_with_the_item(tmp_path):
     with pytest.raises(DataError, match="item-3: unusable"):
-        _run(tmp_path, [1, -3], CountingCompute(), policy=Policy({"broken": "error"}))
+        _run(tmp_path, [1, -3], CountingCompute(), policy={"broken": "error"})
 
 
 def test_duplicate_keys_rejected(tmp_path):
     cache = ItemCache(tmp_path, "t", "f" * 64)
     with pytest.raises(ValueError, match="duplicate item keys"):
-        run_items([Item("a", 1), Item("a", 2)], cache=cache, compute=CountingCompute(), policy=Policy({}))
+        run_items([Item("a", 1), Item("a", 2)], cache=cache, compute=CountingCompute(), policy={})
 
 
 def test_arrays_codec(tmp_path):
@@ -92,8 +92,8 @@ def test_arrays_codec(tmp_path):
 
     cache = ItemCache(tmp_path, "emb", "e" * 64)
     items = [Item("a", 1.5), Item("b", 2.0)]
-    fresh = run_items(items, cache=cache, compute=embed, codec=ARRAYS, policy=Policy({}))
-    cached = run_items(items, cache=cache, compute=embed, codec=ARRAYS, policy=Policy({}))
+    fresh = run_items(items, cache=cache, compute=embed, codec=ARRAYS, policy={})
+    cached = run_items(items, cache=cache, compute=embed, codec=ARRAYS, policy={})
     assert cached.summary["model_calls"] == 0
     for key in "ab":
         np.testing.assert_array_equal(fresh.results[key]["vec"], cached.results[key]["vec"])
@@ -123,3 +123,19 @@ def test_fingerprint_local_folder_follows_file_content(tmp_path):
 def test_unreachable_hub_id_fails_naming_it():
     with pytest.raises(ModelUnavailable, match="no-such-org/no-such-model"):
         model_fingerprint("no-such-org/no-such-model")
+
+
+def test_results_are_read_from_the_cache_not_held(tmp_path):
+    run = _run(tmp_path, range(3), CountingCompute())
+    assert run.outcome("k001") == ({"value": 2.5, "label": "n1"}, None)
+    next((tmp_path / "cache").rglob("k001.bin")).unlink()
+    with pytest.raises(RuntimeError, match="cache entry of item k001"):
+        run.results["k001"]
+    assert "k001" in run.results and len(run.results) == 3  # the keys are known without reading entries
+
+
+def test_outcome_gives_the_skip_reason(tmp_path):
+    run = _run(tmp_path, [-1, 1], CountingCompute())
+    assert run.outcome("k-01") == (None, "broken")
+    with pytest.raises(KeyError):
+        run.outcome("k999")

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from vision_data import vision_params, write_prepared
 
-from gmner.synthesize import SYNTHESIZED, item_seed, run_stage
+from gmner.schema import SYNTHESIZED
+from gmner.synthesize import item_seed, run_stage
 
 
 def _rows(root: Path) -> dict:

@@ -72,6 +72,14 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> None:
+    with parquet_writer(path, table.schema) as writer:
+        writer.write_table(table)
+
+
+@contextlib.contextmanager
+def parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A writer of row groups (``write_table`` each) onto ``path``, renamed in only if the block succeeds: a
+    table too big for memory is written group by group."""
     # No statistics timestamps or writer-dependent metadata beyond the schema, so equal tables give equal bytes.
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", write_statistics=False)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=False) as writer:
+        yield writer

@@ -1,44 +1,29 @@
 """The caption stage: a BLIP caption for every distinct image of the prepared splits.
 
 Reads data/prepared/<split>.parquet (every split of ``prepare.files``), captions each distinct image_sha256
-through the cached per-item runner, and writes data/captions.parquet (:data:`CAPTIONS`, one row per distinct
-image, sorted by sha256) and data/caption_summary.json. An image the ``caption.policy`` skips (missing or
-undecodable file) keeps its row, flagged: null caption and its ``skip_reason``.
+through the cached per-item runner, and writes data/captions.parquet (:data:`gmner.schema.CAPTIONS`, one row
+per distinct image, sorted by sha256) and data/caption_summary.json. An image the ``caption.policy`` skips
+(missing or undecodable file) keeps its row, flagged: null caption and its ``skip_reason``.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pyarrow as pa
 
-from gmner.atomic import write_json, write_parquet
+from gmner import schema
+from gmner.atomic import write_parquet
 from gmner.cache import ItemCache, digest
-from gmner.errors import Policy
-from gmner.item_stage import JSON, Item, init_distributed, run_items
-from gmner.params import resolve_device
-from gmner.vision_inputs import ImageLoad, distinct_images, prepared_tables, skip_reason
+from gmner.item_stage import JSON, Item, run_items, stage_device, write_summary
+from gmner.vision_inputs import ImageLoad, distinct_images, image_policy, prepared_tables
 from gmner.vision_models import Captioner
-
-log = logging.getLogger(__name__)
-
-CAPTIONS = pa.schema(
-    [
-        ("image_sha256", pa.string()),
-        ("caption", pa.string()),  # null: the image could not be read
-        ("skip_reason", pa.string()),  # a gmner.images.SKIP_REASONS kind; null when captioned
-    ]
-)
 
 
 def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     """Caption every prepared image; returns the summary on the main process (None on other ranks)."""
     base, cfg, root = params["base"], params["caption"], Path(root)
-    device = resolve_device(base["device"])
-    state = init_distributed(cpu=device.type == "cpu")
-    if state.num_processes > 1:
-        device = state.device
+    device = stage_device(base["device"])
     images = distinct_images(prepared_tables(params, root), root)
     cache_root = root / base["cache_root"]
     captioner = Captioner(cfg, base["seed"], device, hash_memo=cache_root / "file_hashes")
@@ -49,7 +34,7 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
         compute=lambda batch: captioner(batch, rows=cfg["batch_size"], **generate),
         load=ImageLoad(cfg["max_pixels"], cfg["max_side"]),
         codec=JSON,
-        policy=Policy(cfg["policy"]),
+        policy=image_policy(cfg["policy"], "caption.policy"),
         batch_size=cfg["batch_size"],
         num_workers=cfg["num_workers"],
         desc="caption",
@@ -57,14 +42,11 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     if not run.is_main:
         return None
     rows = []
-    for sha, path in images.items():  # sorted by sha256
-        caption = run.results.get(sha)
-        reason = None if caption is not None else skip_reason(path, cfg["max_pixels"], cfg["max_side"])
+    for sha in images:  # sorted by sha256
+        caption, reason = run.outcome(sha)
         rows.append({"image_sha256": sha, "caption": caption, "skip_reason": reason})
-    write_parquet(root / "data" / "captions.parquet", pa.Table.from_pylist(rows, schema=CAPTIONS))
+    write_parquet(root / "data" / "captions.parquet", pa.Table.from_pylist(rows, schema=schema.CAPTIONS))
     summary = {"model": cfg["model"], "images": len(images), **run.summary,
                "flagged": sum(row["caption"] is None for row in rows)}
-    write_json(root / "data" / "caption_summary.json", summary)
-    log.info("caption: %d images, %d cache hits, %d model calls", len(images), summary["cache_hits"],
-             summary["model_calls"])
+    write_summary(root / "data" / "caption_summary.json", summary, "caption")
     return summary

@@ -9,43 +9,34 @@ exactly like a tweet without an image: downstream joins treat both as "no region
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
 
 from gmner import schema
-from gmner.atomic import write_json, write_parquet
+from gmner.atomic import write_parquet
 from gmner.cache import ItemCache, digest
 from gmner.detectors import ImageRecord, build_detector
-from gmner.errors import Policy
-from gmner.item_stage import Item, init_distributed, run_items
-from gmner.params import resolve_device
-from gmner.vision_inputs import prepared_tables
-
-log = logging.getLogger(__name__)
+from gmner.item_stage import Item, StageRun, run_items, stage_device, write_summary
+from gmner.vision_inputs import distinct_images, image_policy, prepared_tables
 
 
 def collect_images(tables: list[pa.Table], root: str | Path = ".") -> list[ImageRecord]:
-    """One record per distinct image_sha256, gathered over every tweet showing it (paths resolved under root)."""
-    rows = sorted(
-        (row for table in tables for row in table.select(
-            ["tweet_id", "image_path", "image_sha256", "width", "height", "tokens", "entities"]).to_pylist()
-         if row["image_sha256"] is not None),
-        key=lambda row: (row["image_sha256"], row["tweet_id"]),
-    )
-    grouped = defaultdict(list)
-    for row in rows:
-        grouped[row["image_sha256"]].append(row)
+    """One record per distinct image (sorted by sha256, its file as :func:`distinct_images` picks it), with
+    what the tweets showing it say about it, read in tweet_id order."""
+    tweets = defaultdict(list)
+    for table in tables:
+        for row in table.select(["tweet_id", "image_sha256", "width", "height", "tokens", "entities"]).to_pylist():
+            if row["image_sha256"] is not None:
+                tweets[row["image_sha256"]].append(row)
     records = []
-    for sha, group in grouped.items():
+    for sha, path in distinct_images(tables, root).items():
+        group = sorted(tweets[sha], key=lambda row: row["tweet_id"])
         words = dict.fromkeys(w for row in group for w in row["tokens"] if _is_prompt_word(w))
         boxes = {tuple(box) for row in group for entity in row["entities"] for box in entity["boxes"]}
-        first = group[0]
-        path = min(row["image_path"] for row in group)
-        records.append(ImageRecord(sha, str(Path(root) / path), first["width"], first["height"],
-                                   tuple(sorted(boxes)), tuple(words)))
+        records.append(ImageRecord(sha, path, group[0]["width"], group[0]["height"], tuple(sorted(boxes)),
+                                   tuple(words)))
     return records
 
 
@@ -54,23 +45,16 @@ def _is_prompt_word(word: str) -> bool:
     return any(c.isalpha() for c in word) and not word.startswith(("@", "http", "#")) and word != "RT"
 
 
-def regions_table(records: list[ImageRecord], keys: dict[str, str], results: dict[str, dict]) -> pa.Table:
-    """schema.REGIONS rows for the records that have a result, sorted by sha256."""
-    rows = [
-        {"image_sha256": r.sha256, **results[keys[r.sha256]]}
-        for r in sorted(records, key=lambda r: r.sha256)
-        if keys[r.sha256] in results
-    ]
+def regions_table(records: list[ImageRecord], keys: dict[str, str], run: StageRun) -> pa.Table:
+    """schema.REGIONS rows of the records (sorted by sha256) the policy did not skip, read from the cache."""
+    rows = [{"image_sha256": r.sha256, **run.results[keys[r.sha256]]} for r in records if keys[r.sha256] in run.results]
     return pa.Table.from_pylist(rows, schema=schema.REGIONS)
 
 
 def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     """Detect over every prepared split; returns the summary on the main process (None on other ranks)."""
     base, cfg, root = params["base"], params["detect"], Path(root)
-    device = resolve_device(base["device"])
-    state = init_distributed(cpu=device.type == "cpu")
-    if state.num_processes > 1:
-        device = state.device
+    device = stage_device(base["device"])
     records = collect_images(prepared_tables(params, root), root)
     cache_root = root / base["cache_root"]
     detector = build_detector(cfg, seed=base["seed"], device=device, hash_memo=cache_root / "file_hashes")
@@ -84,18 +68,16 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
         cache=ItemCache(cache_root, "detect", digest(detector.fingerprint)),
         compute=detector,
         load=detector.load,
-        policy=Policy(cfg["policy"]),
+        policy=image_policy(cfg["policy"], "detect.policy"),
         batch_size=cfg["batch_size"],
         num_workers=cfg["num_workers"],
         desc=f"detect ({cfg['backend']})",
     )
     if not run.is_main:
         return None
-    table = regions_table(records, keys, run.results)
+    table = regions_table(records, keys, run)
     write_parquet(root / "data" / "regions.parquet", table)
     summary = {"backend": cfg["backend"], "top_k": cfg["top_k"], "images": len(records), "rows": table.num_rows,
                **run.summary}
-    write_json(root / "data" / "regions_summary.json", summary)
-    log.info("detect: %d images, %d cache hits, %d model calls", len(records), summary["cache_hits"],
-             summary["model_calls"])
+    write_summary(root / "data" / "regions_summary.json", summary, "detect")
     return summary

@@ -16,6 +16,19 @@ class DataError(ValueError):
         self.reason = message
 
 
+def checked_actions(actions: Mapping[str, str] | None, allowed: Mapping[str, tuple[str, ...]], where: str) -> dict:
+    """A ``policy`` param validated against ``allowed`` (reason -> actions it may take); a reason left out is
+    ``error``. Unknown reasons or actions raise ValueError naming ``where`` (the param's path)."""
+    actions = dict(actions or {})
+    unknown = sorted(set(actions) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown reasons {unknown}; known: {sorted(allowed)}")
+    for reason, act in actions.items():
+        if act not in allowed[reason]:
+            raise ValueError(f"{where}.{reason}: {act!r} is not one of {', '.join(allowed[reason])}")
+    return {reason: actions.get(reason, "error") for reason in allowed}
+
+
 @dataclass
 class Policy:
     """Per-reason choice between failing (``error``) and a counted skip (``skip``) or repair (``repair``).

@@ -25,7 +25,7 @@ from PIL import Image
 
 from gmner import bio
 from gmner.atomic import write_json, write_parquet
-from gmner.errors import DataError, Policy
+from gmner.errors import DataError, Policy, checked_actions
 from gmner.images import displayed_size
 from gmner.readers import box_problem, clip_box, read_conll, read_voc
 from gmner.schema import TWEETS
@@ -52,14 +52,7 @@ REASONS = {
 
 def make_policy(actions: Mapping[str, str] | None) -> Policy:
     """A Policy over REASONS; unknown reasons or actions a reason does not allow raise ValueError."""
-    actions = dict(actions or {})
-    unknown = sorted(set(actions) - set(REASONS))
-    if unknown:
-        raise ValueError(f"prepare.policy: unknown reasons {unknown}; known: {sorted(REASONS)}")
-    for reason, act in actions.items():
-        if act not in REASONS[reason]:
-            raise ValueError(f"prepare.policy.{reason}: {act!r} is not one of {', '.join(REASONS[reason])}")
-    return Policy({reason: actions.get(reason, "error") for reason in REASONS})
+    return Policy(checked_actions(actions, REASONS, "prepare.policy"))
 
 
 def prepare_split(

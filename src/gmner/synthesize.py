@@ -13,57 +13,26 @@ Relevance (DLRAM): cosine between CLIP image embeddings (``synthesize.relevance`
 of the tweet's generated image; the original is relevant when the cosine is above ``theta``. Changing theta
 costs no model call: embeddings are cached, the cosine is recomputed.
 
-Writes data/synthesized.parquet (:data:`SYNTHESIZED`, one row per tweet, sorted by tweet_id then split) and
-data/synthesize_summary.json.
+Writes data/synthesized.parquet (:data:`gmner.schema.SYNTHESIZED`, one row per tweet, sorted by tweet_id then
+split) and data/synthesize_summary.json.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from gmner.atomic import write_bytes, write_json, write_parquet
+from gmner import schema
+from gmner.atomic import write_bytes, write_parquet
 from gmner.cache import ItemCache, digest
-from gmner.errors import Policy
-from gmner.item_stage import ARRAYS, Codec, Item, init_distributed, run_items
-from gmner.params import resolve_device
-from gmner.vision_inputs import ImageLoad, distinct_images, prepared_tables, skip_reason, tweet_text
-from gmner.vision_models import TextToImage, load_image_encoder
-
-log = logging.getLogger(__name__)
-
-GENERATED_ENTITY = pa.struct(
-    [
-        ("start", pa.int32()),
-        ("end", pa.int32()),
-        ("type", pa.string()),
-        ("text", pa.string()),
-        ("prompt", pa.string()),
-        ("image_path", pa.string()),  # the generated PNG, relative to the repo root
-        ("image_sha256", pa.string()),
-    ]
-)
-
-SYNTHESIZED = pa.schema(
-    [
-        ("tweet_id", pa.string()),
-        ("split", pa.string()),
-        ("prompt", pa.string()),
-        ("image_path", pa.string()),  # the generated PNG, relative to the repo root
-        ("image_sha256", pa.string()),
-        ("seed", pa.int64()),  # the generator seed of that image
-        ("relevance", pa.float32()),  # cosine(original, generated); null when the original is missing or unreadable
-        ("relevant", pa.bool_()),  # relevance > theta; null with relevance
-        ("skip_reason", pa.string()),  # why relevance is null: no_image or a gmner.images.SKIP_REASONS kind
-        ("entities", pa.list_(GENERATED_ENTITY)),  # empty unless synthesize.entity_images
-    ]
-)
+from gmner.item_stage import ARRAYS, Codec, Item, StageRun, combined_summary, run_items, stage_device, write_summary
+from gmner.vision_inputs import ImageLoad, distinct_images, image_policy, prepared_tables, tweet_text
+from gmner.vision_models import TextToImage, embed_images, load_image_encoder
 
 
 def item_seed(base_seed: int, key: str) -> int:
@@ -117,10 +86,7 @@ def prompts_of(tweet: dict, cfg: dict) -> tuple[str, list[str]]:
 def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     """Generate and score every prepared tweet; returns the summary on the main process (None on other ranks)."""
     base, cfg, root = params["base"], params["synthesize"], Path(root)
-    device = resolve_device(base["device"])
-    state = init_distributed(cpu=device.type == "cpu")
-    if state.num_processes > 1:
-        device = state.device
+    device = stage_device(base["device"])
     cache_root = root / base["cache_root"]
     tables = prepared_tables(params, root)
     tweets = sorted((row for table in tables for row in table.to_pylist()), key=lambda r: (r["tweet_id"], r["split"]))
@@ -137,12 +103,12 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
         return [png_bytes(image) for image in t2i(list(texts), list(seeds), per_call, negative, **options)]
 
     store = PngStore(root, f"{Path(base['cache_root']).as_posix()}/synthesize/png")
-    gen_cache = ItemCache(cache_root, "synthesize", digest(t2i.fingerprint, options, negative, base["seed"]))
-    gen_items = [Item(key, (prompt, item_seed(base["seed"], key))) for prompt, key in keys.items()]
-    gen = run_items(gen_items, cache=gen_cache, compute=generate, codec=store.codec, policy=Policy({}),
-                    batch_size=cfg["batch_size"], desc="synthesize")
-    # Every rank needs the generated images for the relevance pass; ranks other than 0 read them back.
-    generated = gen.results if gen.is_main else {i.key: store.decode(gen_cache.get(i.key)) for i in gen_items}
+    gen = run_items(
+        [Item(key, (prompt, item_seed(base["seed"], key))) for prompt, key in keys.items()],
+        cache=ItemCache(cache_root, "synthesize", digest(t2i.fingerprint, options, negative, base["seed"])),
+        compute=generate, codec=store.codec, policy={}, batch_size=cfg["batch_size"], desc="synthesize",
+    )
+    generated = dict(gen.results)  # small dicts, read by every rank for the relevance pass
 
     encoder = load_image_encoder(cfg["relevance"], base["seed"], device, where="synthesize.relevance.model",
                                  hash_memo=cache_root / "file_hashes")
@@ -153,44 +119,32 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     rel = run_items(
         [Item(sha, path) for sha, path in paths.items()],
         cache=ItemCache(cache_root, "synthesize-clip", encoder.fingerprint),
-        compute=lambda pixels: [{"embedding": e} for e in encoder.images(pixels, per_call)[0].numpy()],
-        load=ImageLoad(cfg["max_pixels"], cfg["max_side"], encoder.transform),
+        compute=lambda pixels: embed_images(encoder, pixels, per_call),
+        load=ImageLoad(cfg["max_pixels"], cfg["max_side"], encoder.preprocess),
         codec=ARRAYS,
-        policy=Policy(cfg["policy"]),
+        policy=image_policy(cfg["policy"], "synthesize.policy"),
         batch_size=cfg["batch_size"],
         num_workers=cfg["num_workers"],
         desc="synthesize relevance",
     )
     if not rel.is_main:
         return None
-    rows = [_row(t, p, generated, keys, rel.results, paths, cfg, base["seed"]) for t, p in zip(tweets, prompts)]
-    write_parquet(root / "data" / "synthesized.parquet", pa.Table.from_pylist(rows, schema=SYNTHESIZED))
+    rows = [_row(t, p, generated, keys, rel, cfg, base["seed"]) for t, p in zip(tweets, prompts)]
+    write_parquet(root / "data" / "synthesized.parquet", pa.Table.from_pylist(rows, schema=schema.SYNTHESIZED))
     relevant = [row["relevant"] for row in rows]
     summary = {
         "model": cfg["model"], "tweets": len(rows), "prompts": len(keys), "theta": cfg["theta"],
         "relevant": relevant.count(True), "irrelevant": relevant.count(False), "unscored": relevant.count(None),
-        "generate": gen.summary, "relevance": rel.summary,
-        "model_calls": gen.summary["model_calls"] + rel.summary["model_calls"],
-        "cache_hits": gen.summary["cache_hits"] + rel.summary["cache_hits"],
-        "wall_s": round(gen.summary["wall_s"] + rel.summary["wall_s"], 3),
+        **combined_summary({"generate": gen, "relevance": rel}),
     }
-    write_json(root / "data" / "synthesize_summary.json", summary)
-    log.info("synthesize: %d tweets, %d prompts, %d model calls", len(rows), len(keys), summary["model_calls"])
+    write_summary(root / "data" / "synthesize_summary.json", summary, "synthesize")
     return summary
 
 
-def _row(tweet, prompts, generated, keys, embeddings, paths, cfg, base_seed) -> dict:
+def _row(tweet: dict, prompts, generated: dict, keys: dict, rel: StageRun, cfg: dict, base_seed: int) -> dict:
     tweet_prompt, entity_prompts = prompts
     image = generated[keys[tweet_prompt]]
-    original, reason, relevance = tweet["image_sha256"], None, None
-    if original is None:
-        reason = "no_image"
-    elif original not in embeddings:
-        reason = skip_reason(paths[original], cfg["max_pixels"], cfg["max_side"])
-    elif image["image_sha256"] not in embeddings:
-        reason = skip_reason(paths[image["image_sha256"]], cfg["max_pixels"], cfg["max_side"])
-    else:
-        relevance = _cosine(embeddings[original]["embedding"], embeddings[image["image_sha256"]]["embedding"])
+    relevance, reason = _relevance(tweet["image_sha256"], image["image_sha256"], rel)
     entities = [
         {**{k: entity[k] for k in ("start", "end", "type", "text")}, "prompt": prompt, **generated[keys[prompt]]}
         for entity, prompt in zip(tweet["entities"], entity_prompts)
@@ -201,6 +155,18 @@ def _row(tweet, prompts, generated, keys, embeddings, paths, cfg, base_seed) -> 
         "relevant": None if relevance is None else relevance > cfg["theta"], "skip_reason": reason,
         "entities": entities,
     }
+
+
+def _relevance(original: str | None, generated: str, rel: StageRun) -> tuple[float | None, str | None]:
+    """(cosine, None), or (None, why not): no_image, or the policy reason of the original or generated image."""
+    if original is None:
+        return None, "no_image"
+    ours, reason = rel.outcome(original)
+    if reason is None:
+        theirs, reason = rel.outcome(generated)
+    if reason is not None:
+        return None, reason
+    return _cosine(ours["embedding"], theirs["embedding"]), None
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,21 +1,23 @@
-"""What the caption, synthesize and features stages read: prepared tweets, and their images for DataLoader workers.
+"""What the vision stages read: prepared tweets, their distinct images, and those images for DataLoader workers.
 
 Images go through :func:`gmner.images.load_image`, so a missing or undecodable file is a typed
-:class:`gmner.images.BadImage` that the stage's policy turns into an error or a counted skip. The per-item
-runner does not return which items it skipped, so a stage that writes flagged rows asks
-:func:`skip_reason` again for those few items.
+:class:`gmner.images.BadImage` that the stage's policy (:func:`image_policy`) turns into an error or a counted
+skip; the runner lists the skipped items with their reason in ``StageRun.skipped``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gmner.images import BadImage, load_image
+from gmner.errors import checked_actions
+from gmner.images import SKIP_REASONS, LoadedImage, load_image
+
+IMAGE_ACTIONS = ("error", "skip")
 
 
 def prepared_tables(params: dict, root: str | Path = ".") -> list[pa.Table]:
@@ -32,7 +34,7 @@ def prepared_tables(params: dict, root: str | Path = ".") -> list[pa.Table]:
 def distinct_images(tables: list[pa.Table], root: str | Path = ".") -> dict[str, str]:
     """image_sha256 -> path under ``root`` of every distinct image, sorted by sha256.
 
-    Copies of one image under several names resolve to the smallest name, as in the detect stage.
+    Copies of one image under several names resolve to the smallest name.
     """
     paths: dict[str, str] = {}
     for table in tables:
@@ -47,23 +49,26 @@ def tweet_text(tokens: list[str]) -> str:
     return " ".join(tokens)
 
 
+def image_policy(actions: Mapping[str, str], where: str) -> dict[str, str]:
+    """A vision stage's ``policy`` param checked: reasons are :data:`gmner.images.SKIP_REASONS` kinds, actions
+    ``error`` or ``skip``; a reason left out is ``error``. ``where`` names the param in errors."""
+    return checked_actions(actions, {reason: IMAGE_ACTIONS for reason in SKIP_REASONS}, where)
+
+
 @dataclass(frozen=True)
 class ImageLoad:
-    """Picklable ``load`` for the runner: a path to an RGB PIL image, or to ``transform(image)`` when given."""
+    """Picklable ``load`` for the runner: a path -> its RGB PIL image, or ``preprocess([image])[0]`` when given.
+
+    Loaders of other payloads (a path and boxes, a path and prompts) extend it and decode through :meth:`open`.
+    """
 
     max_pixels: int
     max_side: int
-    transform: Callable | None = None
+    preprocess: Callable[[list], Any] | None = None  # PIL images -> one [N, ...] tensor, e.g. a model's input
+
+    def open(self, path: str) -> LoadedImage:
+        return load_image(path, self.max_pixels, self.max_side)
 
     def __call__(self, path: str):
-        image = load_image(path, self.max_pixels, self.max_side).image
-        return image if self.transform is None else self.transform(image)
-
-
-def skip_reason(path: str, max_pixels: int, max_side: int) -> str:
-    """Why ``path`` could not be used (a :data:`gmner.images.SKIP_REASONS` kind)."""
-    try:
-        load_image(path, max_pixels, max_side)
-    except BadImage as exc:
-        return exc.kind
-    return "unavailable"  # readable now: it changed while the stage ran
+        image = self.open(path).image
+        return image if self.preprocess is None else self.preprocess([image])[0]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from gmner.cache import digest
@@ -106,22 +107,30 @@ def _seeded(seed: int, build: Callable):
         return build()
 
 
+class _LazyModel:
+    """A model from ``spec["model"]`` (``tiny``: built from ``spec["tiny"]``) in ``spec["precision"]`` on ``device``.
+
+    The reference is resolved (and fingerprinted) at once; the weights load on the first call, so a run
+    whose items are all cached never loads them. ``where`` names the param in errors (default: ``param``).
+    """
+
+    param: str
+
+    def __init__(self, spec: dict, seed: int, device: torch.device, *, where: str | None = None,
+                 hash_memo: str | Path | None = None):
+        self.spec, self.seed, self.device, self.where = spec, seed, device, where or self.param
+        self.dtype = torch_dtype(spec["precision"])
+        self.ref = resolve_model(spec["model"], self.where, tiny=spec.get("tiny"), seed=seed, hash_memo=hash_memo)
+        self.fingerprint = digest(self.ref.fingerprint, spec["precision"])
+
+
 # ---------------------------------------------------------------------------------------------- captioner
 
 
-class Captioner:
-    """BLIP from ``spec["model"]`` (``tiny`` uses ``spec["tiny"]``) in ``spec["precision"]`` on ``device``.
+class Captioner(_LazyModel):
+    """BLIP (see :class:`_LazyModel`)."""
 
-    The reference is resolved (and fingerprinted) at once; the weights load on the first call, so a run
-    whose items are all cached never loads them.
-    """
-
-    def __init__(self, spec: dict, seed: int, device: torch.device, *, where: str = "caption.model",
-                 hash_memo: str | Path | None = None):
-        self.spec, self.seed, self.device, self.where = spec, seed, device, where
-        self.dtype = torch_dtype(spec["precision"])
-        self.ref = resolve_model(spec["model"], where, tiny=spec.get("tiny"), seed=seed, hash_memo=hash_memo)
-        self.fingerprint = digest(self.ref.fingerprint, spec["precision"])
+    param = "caption.model"
 
     @functools.cached_property
     def parts(self):
@@ -185,18 +194,10 @@ def _tiny_blip_config(tiny: dict, tokenizer):
 # --------------------------------------------------------------------------------------- text-to-image
 
 
-class TextToImage:
-    """A StableDiffusionPipeline from ``spec["model"]`` (``tiny`` builds one from ``spec["tiny"]``).
+class TextToImage(_LazyModel):
+    """A StableDiffusionPipeline (see :class:`_LazyModel`)."""
 
-    Resolved and fingerprinted at once, loaded on the first call (see :class:`Captioner`).
-    """
-
-    def __init__(self, spec: dict, seed: int, device: torch.device, *, where: str = "synthesize.model",
-                 hash_memo: str | Path | None = None):
-        self.spec, self.seed, self.device, self.where = spec, seed, device, where
-        self.dtype = torch_dtype(spec["precision"])
-        self.ref = resolve_model(spec["model"], where, tiny=spec.get("tiny"), seed=seed, hash_memo=hash_memo)
-        self.fingerprint = digest(self.ref.fingerprint, spec["precision"])
+    param = "synthesize.model"
 
     @functools.cached_property
     def pipeline(self):
@@ -302,13 +303,15 @@ class ImageEncoder:
     token_shape: tuple[int, int]
     has_text: bool
     fingerprint: str
-    transform: Callable  # PIL image -> CHW float tensor; picklable, it runs in DataLoader workers
+    preprocess: Callable[[list], torch.Tensor]  # PIL images -> [N, 3, H, W]; picklable, runs in DataLoader workers
 
-    def images(self, pixels: list[torch.Tensor], rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embeddings [N, dim], patch tokens [N, patches, width])``, float32 on the CPU, of N CHW tensors
-        computed in calls of ``rows`` (see :func:`fixed_batches`)."""
-        pairs = fixed_batches(pixels, rows, lambda chunk: list(zip(*self._images(torch.stack(chunk)))))
-        return torch.stack([p for p, _ in pairs]), torch.stack([t for _, t in pairs])
+    def images(self, pixels: torch.Tensor, rows: int | None = None,
+               tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(embeddings [N, dim], patch tokens [N, patches, width] or None without ``tokens``)``, float32 on
+        the CPU, of ``pixels`` [N, 3, H, W] computed in calls of ``rows`` (see :func:`fixed_batches`)."""
+        pairs = fixed_batches(list(pixels), rows, lambda chunk: list(zip(*self._images(torch.stack(chunk)))))
+        pooled = torch.stack([p for p, _ in pairs])
+        return pooled, torch.stack([t for _, t in pairs]) if tokens else None
 
     def texts(self, texts: list[str], rows: int | None = None) -> torch.Tensor:
         """Text embeddings ``[N, dim]``, float32 on the CPU, in calls of ``rows`` texts."""
@@ -328,7 +331,7 @@ class _OpenClip(ImageEncoder):
     has_text = True
 
     def __init__(self, model, transform, tokenizer, device, dtype, fingerprint):
-        self.model, self.transform, self.tokenizer = model, transform, tokenizer
+        self.model, self.preprocess, self.tokenizer = model, BatchedCompose.split(transform), tokenizer
         self.device, self.dtype, self.fingerprint = device, dtype, fingerprint
         model.visual.output_tokens = True
         size = model.visual.image_size
@@ -354,7 +357,7 @@ class _HFVision(ImageEncoder):
         self.backend, self.model, self.processor = backend, model, processor
         self.device, self.dtype, self.fingerprint = device, dtype, fingerprint
         self.has_text = backend == "clip"
-        self.transform = functools.partial(_pixels, processor.image_processor)
+        self.preprocess = functools.partial(_pixels, processor.image_processor)
         vision = model.config.vision_config if self.has_text else model.config
         patches = (vision.image_size // vision.patch_size) ** 2
         self.dim = model.config.projection_dim if self.has_text else vision.hidden_size
@@ -378,8 +381,47 @@ class _HFVision(ImageEncoder):
         return self.model.get_text_features(**batch.to(self.device)).pooler_output.float().cpu()
 
 
-def _pixels(image_processor, image) -> torch.Tensor:
-    return image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+def embed_images(encoder: ImageEncoder, pixels: list[torch.Tensor], rows: int | None,
+                 tokens: bool = False) -> list[dict]:
+    """Runner results of a batch of preprocessed images: ``{"embedding"}`` (and ``"tokens"``) arrays each."""
+    pooled, patches = encoder.images(torch.stack(pixels), rows, tokens)
+    if not tokens:
+        return [{"embedding": e} for e in pooled.numpy()]
+    return [{"embedding": e, "tokens": t} for e, t in zip(pooled.numpy(), patches.numpy())]
+
+
+def _pixels(image_processor, images: list) -> torch.Tensor:
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+@dataclass(frozen=True)
+class BatchedCompose:
+    """A torchvision Compose over PIL images (open_clip's preprocessing) whose tensor steps run once per batch.
+
+    The steps before ``ToTensor`` (resize, crop, mode) run per image; ``ToTensor`` (uint8 -> float / 255) and
+    the steps after it (``Normalize``) are elementwise, so running them once on the stacked batch gives exactly
+    the per-image values for less: the features stage preprocesses up to top_k region crops an image at once.
+    """
+
+    per_image: Callable  # PIL image -> PIL image of the model's size
+    per_batch: Callable  # [N, 3, H, W] float in [0, 1] -> model input
+
+    @classmethod
+    def split(cls, compose) -> BatchedCompose:
+        from torchvision.transforms import Compose, ToTensor
+
+        steps = list(getattr(compose, "transforms", ()))
+        at = next((i for i, step in enumerate(steps) if isinstance(step, ToTensor)), None)
+        if at is None:
+            raise ValueError(f"expected a torchvision Compose with a ToTensor step, got {compose!r}")
+        return cls(Compose(steps[:at]), Compose(steps[at + 1 :]))
+
+    def __call__(self, images: list) -> torch.Tensor:
+        arrays = np.stack([np.asarray(self.per_image(image), dtype=np.uint8) for image in images])
+        if arrays.ndim == 3:  # a single-channel image mode
+            arrays = arrays[..., None]
+        pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2).to(torch.float32).div_(255)
+        return self.per_batch(pixels)
 
 
 BACKENDS = ("open_clip", "clip", "vit")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gmner.detectors.base import Detector, ImageLoader, ImageRecord, select_top_k
+from gmner.detectors.base import Detector, DetectorLoad, ImageRecord, select_top_k
 
 BACKENDS = ("oracle", "torchvision", "zero_shot")
 
-__all__ = ["BACKENDS", "Detector", "ImageLoader", "ImageRecord", "build_detector", "select_top_k"]
+__all__ = ["BACKENDS", "Detector", "DetectorLoad", "ImageRecord", "build_detector", "select_top_k"]
 
 
 def build_detector(cfg: dict, *, seed: int, device, hash_memo: Path | None = None) -> Detector:
@@ -19,7 +19,7 @@ def build_detector(cfg: dict, *, seed: int, device, hash_memo: Path | None = Non
 
         return OracleDetector(cfg["top_k"], seed)
     common = dict(k=cfg["top_k"], nms_iou=cfg["nms_iou"], precision=cfg["precision"], device=device, seed=seed,
-                  loader=ImageLoader(cfg["max_pixels"], cfg["max_side"]), hash_memo=hash_memo)
+                  loader=DetectorLoad(cfg["max_pixels"], cfg["max_side"]), hash_memo=hash_memo)
     if backend == "torchvision":
         from gmner.detectors.rcnn import TorchvisionDetector
 

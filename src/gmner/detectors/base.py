@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torchvision.ops import nms
 
-from gmner.images import LoadedImage, load_image
+from gmner.images import LoadedImage
+from gmner.vision_inputs import ImageLoad
 from gmner.vision_models import torch_dtype
 
 
@@ -40,15 +41,13 @@ class Detector(Protocol):
 
 
 @dataclass(frozen=True)
-class ImageLoader:
-    """Picklable ``load`` for image backends: payload (path, extra) -> (LoadedImage, extra)."""
-
-    max_pixels: int
-    max_side: int
+class DetectorLoad(ImageLoad):
+    """``load`` for image backends: payload (path, prompts or None) -> (LoadedImage, prompts); the LoadedImage
+    keeps the scale that maps boxes found on a downscaled image back to original pixels."""
 
     def __call__(self, payload: tuple[str, Any]) -> tuple[LoadedImage, Any]:
-        path, extra = payload
-        return load_image(path, self.max_pixels, self.max_side), extra
+        path, prompts = payload
+        return self.open(path), prompts
 
 
 def select_top_k(boxes, scores, labels: list[str], k: int, nms_iou: float) -> dict:

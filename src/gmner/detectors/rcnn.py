@@ -10,7 +10,7 @@ from torchvision.models import detection
 from torchvision.transforms.functional import pil_to_tensor
 
 from gmner.cache import digest
-from gmner.detectors.base import ImageLoader, ImageRecord, autocast, select_top_k
+from gmner.detectors.base import DetectorLoad, ImageRecord, autocast, select_top_k
 from gmner.item_stage import ModelUnavailable, model_fingerprint
 
 
@@ -19,7 +19,7 @@ class TorchvisionDetector:
     a torchvision weights name such as ``FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1`` (already in the torch
     hub cache, nothing is downloaded), or a local state_dict checkpoint of ``arch`` with ``num_classes``."""
 
-    def __init__(self, cfg: dict, *, k: int, nms_iou: float, precision: str, device, seed: int, loader: ImageLoader,
+    def __init__(self, cfg: dict, *, k: int, nms_iou: float, precision: str, device, seed: int, loader: DetectorLoad,
                  hash_memo: Path | None = None):
         self.k, self.nms_iou, self.precision, self.device, self.load = k, nms_iou, precision, device, loader
         builder = getattr(detection, cfg["arch"])

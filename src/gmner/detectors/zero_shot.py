@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from gmner.cache import digest
-from gmner.detectors.base import ImageLoader, ImageRecord, autocast, select_top_k
+from gmner.detectors.base import DetectorLoad, ImageRecord, autocast, select_top_k
 from gmner.item_stage import ModelUnavailable, model_fingerprint
 
 TINY = {"tiny-owlv2": "owlv2", "tiny-grounding-dino": "grounding-dino"}
@@ -42,7 +42,7 @@ class HashTokenizer:
 
 
 class ZeroShotDetector:
-    def __init__(self, cfg: dict, *, k: int, nms_iou: float, precision: str, device, seed: int, loader: ImageLoader,
+    def __init__(self, cfg: dict, *, k: int, nms_iou: float, precision: str, device, seed: int, loader: DetectorLoad,
                  hash_memo: Path | None = None):
         self.k, self.nms_iou, self.precision, self.device, self.load = k, nms_iou, precision, device, loader
         self.prompt, self.labels, self.template = cfg["prompt"], list(cfg["labels"]), cfg.get("template", "{}")
