@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from gmner.params import load_params
-from gmner.prepare import prepare_split
+from gmner.prepare import prepare_configured_split
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "twitter10000_v2"
@@ -28,16 +28,7 @@ def main() -> None:
     for _ in range(args.repeat):
         start, tweets = time.perf_counter(), 0
         for split in ("train", "dev"):
-            table, _ = prepare_split(
-                DATA / cfg["files"][split],
-                split=split,
-                images_dir=DATA / cfg["images_dir"],
-                image_ext=cfg["image_ext"],
-                xml_dir=DATA / cfg["xml_dir"],
-                types=cfg["types"],
-                policy=cfg["policy"],
-                box_tolerance=cfg["box_tolerance"],
-            )
+            table, _ = prepare_configured_split(cfg, DATA, split)
             tweets += table.num_rows
         best = min(best, time.perf_counter() - start)
     print(f"prepare train+dev: {tweets} tweets in {best:.3f} s ({tweets / best:,.0f} tweets/s, best of {args.repeat})")

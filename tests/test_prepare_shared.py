@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gmner.params import load_params
-from gmner.prepare import prepare_split
+from gmner.prepare import prepare_configured_split
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "twitter10000_v2"
@@ -20,16 +20,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found 
 )
 def test_default_policy_counts(split, tweets, entities, groundable):
     cfg = load_params(REPO / "params.yaml")["prepare"]
-    table, summary = prepare_split(
-        DATA / cfg["files"][split],
-        split=split,
-        images_dir=DATA / cfg["images_dir"],
-        image_ext=cfg["image_ext"],
-        xml_dir=DATA / cfg["xml_dir"],
-        types=cfg["types"],
-        policy=cfg["policy"],
-        box_tolerance=cfg["box_tolerance"],
-    )
+    table, summary = prepare_configured_split(cfg, DATA, split)
     assert (summary["tweets"], summary["entities"], summary["groundable_entities"]) == (tweets, entities, groundable)
     assert table.num_rows == tweets
     # The images are not distributed with the annotations: every tweet is text-only and counted as such.

@@ -12,6 +12,8 @@ Original pixels means the image as displayed, i.e. after EXIF rotation: sizes an
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,18 @@ def load_image(path: str | Path, max_pixels: int = 50_000_000, max_side: int = 1
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             # PIL reports truncated or damaged pixel data through these at decode time.
             raise BadImage(path, "corrupt_image", f"cannot decode image: {exc}") from None
+
+
+def image_info(path: str | Path) -> tuple[str, int, int] | None:
+    """(sha256 of the bytes, width, height as displayed) from the header alone, decoding no pixels; None when
+    the file is absent or not an image PIL can read."""
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = displayed_size(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return hashlib.sha256(data).hexdigest(), width, height
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int]:

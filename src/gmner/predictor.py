@@ -6,6 +6,7 @@ JSONL prediction go through ``load`` and never need to know which model they run
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Protocol
@@ -45,6 +46,9 @@ def _load_crf_tagger(model_dir: Path, device: torch.device) -> Predictor:
 
 
 LOADERS = {CRFTagger.kind: _load_crf_tagger}
+# Kinds whose module (exposing ``load_predictor(model_dir, device)``) is imported only when such a model is
+# loaded, so stages that never load one do not import, or depend on, its code.
+LAZY_LOADERS = {"grounded_tagger": "gmner.grounded_tagger"}
 
 
 def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Predictor:
@@ -54,6 +58,8 @@ def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Predictor
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no model.json; is {model_dir} a trained model folder?")
     kind = json.loads(path.read_text()).get("kind")
+    if kind in LAZY_LOADERS:
+        return importlib.import_module(LAZY_LOADERS[kind]).load_predictor(model_dir, torch.device(device))
     if kind not in LOADERS:
-        raise DataError(str(path), f"unknown model kind {kind!r}; known: {sorted(LOADERS)}")
+        raise DataError(str(path), f"unknown model kind {kind!r}; known: {sorted([*LOADERS, *LAZY_LOADERS])}")
     return LOADERS[kind](model_dir, torch.device(device))

@@ -13,20 +13,17 @@ byte-identical across clones; rows keep file order.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Collection, Mapping
 
 import pyarrow as pa
-from PIL import Image
 
 from gmner import bio
 from gmner.atomic import write_json, write_parquet
 from gmner.errors import DataError, Policy, checked_actions
-from gmner.images import displayed_size
+from gmner.images import image_info
 from gmner.readers import box_problem, clip_box, read_conll, read_voc
 from gmner.schema import TWEETS
 
@@ -114,6 +111,20 @@ def prepare_split(
     return pa.Table.from_pylist(rows, schema=TWEETS), _summary(text_path, rows, pol)
 
 
+def prepare_configured_split(cfg: Mapping, data_root: Path, split: str) -> tuple[pa.Table, dict]:
+    """:func:`prepare_split` of ``split`` as the ``prepare`` params group describes it, under ``data_root``."""
+    return prepare_split(
+        data_root / cfg["files"][split],
+        split=split,
+        images_dir=data_root / cfg["images_dir"],
+        image_ext=cfg["image_ext"],
+        xml_dir=data_root / cfg["xml_dir"] if cfg["format"] == "twitter-gmner" else None,
+        types=cfg["types"],
+        policy=cfg["policy"],
+        box_tolerance=cfg["box_tolerance"],
+    )
+
+
 def run_stage(params: dict, out_dir: str | os.PathLike = "data/prepared") -> None:
     """Prepare every split named in ``params["prepare"]["files"]`` under ``base.data_root``."""
     cfg, root = params["prepare"], Path(params["base"]["data_root"])
@@ -123,17 +134,8 @@ def run_stage(params: dict, out_dir: str | os.PathLike = "data/prepared") -> Non
         raise FileNotFoundError(f"base.data_root: no folder {root.as_posix()}")
     out_dir = Path(out_dir)
     summary = {"format": cfg["format"], "data_root": root.as_posix(), "splits": {}}
-    for split, filename in cfg["files"].items():
-        table, stats = prepare_split(
-            root / filename,
-            split=split,
-            images_dir=root / cfg["images_dir"],
-            image_ext=cfg["image_ext"],
-            xml_dir=root / cfg["xml_dir"] if cfg["format"] == "twitter-gmner" else None,
-            types=cfg["types"],
-            policy=cfg["policy"],
-            box_tolerance=cfg["box_tolerance"],
-        )
+    for split in cfg["files"]:
+        table, stats = prepare_configured_split(cfg, root, split)
         write_parquet(out_dir / f"{split}.parquet", table)
         summary["splits"][split] = stats
         print(
@@ -156,22 +158,11 @@ def _image_fields(path: Path, present: bool, tweet_id: str, pol: Policy) -> tupl
     if not present:
         pol.handle("missing_image", path.as_posix(), f"tweet {tweet_id}: no image file")
         return None, None, None
-    info = _image_info(path)
+    info = image_info(path)
     if info is None:
         pol.handle("bad_image", path.as_posix(), f"tweet {tweet_id}: not a readable image")
         return None, None, None
     return info
-
-
-def _image_info(path: Path) -> tuple[str, int, int] | None:
-    """(sha256 of the bytes, width, height as displayed) from the header alone; None if PIL cannot read it."""
-    data = path.read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as im:  # lazy: parses the header, decodes no pixels
-            width, height = displayed_size(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-    return hashlib.sha256(data).hexdigest(), width, height
 
 
 def _voc_boxes(

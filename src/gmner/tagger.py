@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +56,13 @@ class Alignment:
 
     def as_dict(self) -> dict:
         return {"truncated_words": self.truncated_words, "empty_words": self.empty_words}
+
+
+def length_batches(encoded: Sequence[EncodedTweet], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``encoded`` in batches of similar subword length (less padding), for prediction."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 class WordTagger(nn.Module):
@@ -147,17 +154,19 @@ class WordTagger(nn.Module):
         was_training = self.training
         self.eval()
         encoded, _ = self.encode(token_lists)
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))  # less padding
         tags: list[list[str]] = [[] for _ in encoded]
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
+        for chunk in length_batches(encoded, batch_size):
             decoded = self.decode(self.collate([encoded[i] for i in chunk]))
             for i, ids in zip(chunk, decoded):
-                e = encoded[i]
-                tags[i] = ["O"] * e.n_words
-                for w, label in zip(e.word_idx, ids):
-                    tags[i][w] = self.labels[label]
+                tags[i] = self.word_tags(encoded[i], ids)
         self.train(was_training)
+        return tags
+
+    def word_tags(self, encoded: EncodedTweet, ids: Sequence[int]) -> list[str]:
+        """Decoded label ids of the encoded words -> one BIO tag per word of the tweet (``"O"`` if unencoded)."""
+        tags = ["O"] * encoded.n_words
+        for w, label in zip(encoded.word_idx, ids):
+            tags[w] = self.labels[label]
         return tags
 
 
@@ -175,15 +184,16 @@ class CRFTagger(WordTagger):
         self.classifier = nn.Linear(encoder.config.hidden_size, len(self.labels))
         self.crf = CRF(len(self.labels), batch_first=True)
 
-    def emissions(self, batch: dict) -> torch.Tensor:
-        return self.classifier(self.dropout(self.word_states(batch)))
+    # ``states``: the batch's word_states when a subclass already computed them for another head.
+    def emissions(self, batch: dict, states: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.dropout(self.word_states(batch) if states is None else states))
 
-    def loss(self, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict, states: torch.Tensor | None = None) -> torch.Tensor:
         """Negative CRF log-likelihood, summed over a tweet's words, averaged over the batch."""
-        return -self.crf(self.emissions(batch), batch["labels"], mask=batch["word_mask"], reduction="mean")
+        return -self.crf(self.emissions(batch, states), batch["labels"], mask=batch["word_mask"], reduction="mean")
 
-    def decode(self, batch: dict) -> list[list[int]]:
-        return self.crf.decode(self.emissions(batch), mask=batch["word_mask"])
+    def decode(self, batch: dict, states: torch.Tensor | None = None) -> list[list[int]]:
+        return self.crf.decode(self.emissions(batch, states), mask=batch["word_mask"])
 
     def save(self, model_dir: str | Path) -> None:
         """Write ``model.json`` (kind, labels, config), the encoder and tokenizer, and the head weights."""
@@ -195,8 +205,15 @@ class CRFTagger(WordTagger):
         self.tokenizer.save_pretrained(model_dir / ENCODER_DIR)
         head = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
         save_file(head, model_dir / HEAD_FILE)
-        config = {"kind": self.kind, "labels": self.labels, "max_length": self.max_length, "dropout": self.dropout_p}
-        (model_dir / MODEL_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (model_dir / MODEL_FILE).write_text(json.dumps(self.config(), indent=2) + "\n")
+
+    def config(self) -> dict:
+        """What ``model.json`` holds: the kind and the constructor arguments besides encoder and tokenizer."""
+        return {"kind": self.kind, "labels": self.labels, "max_length": self.max_length, "dropout": self.dropout_p}
+
+    @classmethod
+    def from_config(cls, encoder: nn.Module, tokenizer, config: dict) -> "CRFTagger":
+        return cls(encoder, tokenizer, config["labels"], config["max_length"], config["dropout"])
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "CRFTagger":
@@ -207,7 +224,7 @@ class CRFTagger(WordTagger):
         if config.get("kind") != cls.kind:
             raise ValueError(f"{model_dir / MODEL_FILE}: kind {config.get('kind')!r} is not {cls.kind!r}")
         encoder, tokenizer = load_text_encoder(str(model_dir / ENCODER_DIR), tiny={})
-        tagger = cls(encoder, tokenizer, config["labels"], config["max_length"], config["dropout"])
+        tagger = cls.from_config(encoder, tokenizer, config)
         missing, unexpected = tagger.load_state_dict(load_file(model_dir / HEAD_FILE), strict=False)
         missing = [k for k in missing if not k.startswith("encoder.")]  # the encoder was loaded above
         if missing or unexpected:

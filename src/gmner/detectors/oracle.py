@@ -41,7 +41,8 @@ class OracleDetector:
         n = self.k - len(gold)
         size = rng.uniform(0.1, 0.6, (n, 2)) * (w, h)
         corner = rng.uniform(0, 1, (n, 2)) * ((w, h) - size)
-        distractors = np.concatenate([corner, corner + size], axis=1).astype(np.float32)
+        # Whole pixels, like annotated boxes, so coordinates cannot tell a distractor from a gold box.
+        distractors = np.round(np.concatenate([corner, corner + size], axis=1)).astype(np.float32)
         boxes = np.concatenate([gold, distractors])
         scores = rng.uniform(0, 1, len(boxes)).astype(np.float32)
         order = np.argsort(-scores, kind="stable")
