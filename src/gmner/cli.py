@@ -61,10 +61,13 @@ def predict(
     input_path: Path = typer.Argument(..., help="input JSONL"),
     output_path: Path = typer.Argument(..., help="output JSONL"),
     device: str = typer.Option("cpu", help="cpu, cuda, or auto"),
+    draw: Optional[Path] = typer.Option(
+        None, "--draw", help="also draw each line's image with its entities' boxes into DIR/<id>.png", metavar="DIR"
+    ),
 ) -> None:
     from gmner.jsonl_predict import predict_jsonl
 
-    predict_jsonl(model_dir, input_path, output_path, device=device)
+    predict_jsonl(model_dir, input_path, output_path, device=device, draw_dir=draw)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from gmner.atomic import atomic_path
+from gmner.draw import draw_predictions, png_names
 from gmner.errors import DataError
 from gmner.predictor import load
 
@@ -60,21 +61,31 @@ def _parse_line(line: str, where: str, number: int) -> dict:
     return {"id": item_id, "tokens": tokens, "image": image}
 
 
-def predict_jsonl(model_dir: str | Path, input_path: str | Path, output_path: str | Path, device: str = "cpu") -> int:
-    """Write predictions for every line of ``input_path`` to ``output_path`` (atomically); returns the count."""
+def predict_jsonl(model_dir: str | Path, input_path: str | Path, output_path: str | Path, device: str = "cpu",
+                  draw_dir: str | Path | None = None) -> int:
+    """Write predictions for every line of ``input_path`` to ``output_path`` (atomically); returns the count.
+
+    With ``draw_dir``, also draw each line that has an image into ``draw_dir/<id>.png`` (gmner.draw) and print
+    what was drawn; ids are checked as file names before the model runs.
+    """
     from gmner.params import resolve_device
 
     rows = read_jsonl(input_path)
+    ids, images = [row["id"] for row in rows], [row["image"] for row in rows]
+    if draw_dir is not None:
+        png_names(ids, images, str(input_path))
     tweets = pa.table({
         "tweet_id": [str(i) for i in range(len(rows))],  # positions: input ids need not be unique
         "tokens": [row["tokens"] for row in rows],
-        "image_path": [row["image"] for row in rows],
+        "image_path": images,
     })
     predictions = load(model_dir, resolve_device(device)).predict(tweets).column("entities").to_pylist()
+    entities = [[_entity(row["tokens"], e) for e in found] for row, found in zip(rows, predictions)]
     with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for row, entities in zip(rows, predictions):
-            out.write(json.dumps({"id": row["id"], "entities": [_entity(row["tokens"], e) for e in entities]},
-                                 ensure_ascii=False) + "\n")
+        for item_id, found in zip(ids, entities):
+            out.write(json.dumps({"id": item_id, "entities": found}, ensure_ascii=False) + "\n")
+    if draw_dir is not None:
+        print(draw_predictions(ids, images, entities, draw_dir, str(input_path)))
     return len(rows)
 
 
