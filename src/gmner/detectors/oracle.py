@@ -14,7 +14,7 @@ from gmner.cache import digest
 from gmner.detectors.base import ImageRecord
 
 log = logging.getLogger(__name__)
-_RECIPE = 1  # part of the fingerprint: bump when the distractor recipe changes, so cached results are redone
+_RECIPE = 2  # part of the fingerprint: bump when the distractor recipe changes, so cached results are redone
 
 
 class OracleDetector:
