@@ -107,6 +107,15 @@ def test_fingerprint_tiny_depends_on_config_and_seed():
     assert base != model_fingerprint("tiny", config={"hidden": 16}, seed=1)
 
 
+def test_fingerprint_follows_library_versions(monkeypatch):
+    import gmner.item_stage as item_stage
+
+    before = model_fingerprint("tiny", config={"hidden": 8}, seed=1)
+    upgraded = {**item_stage._library_versions(), "torch": "99.0"}
+    monkeypatch.setattr(item_stage, "_library_versions", lambda: upgraded)
+    assert model_fingerprint("tiny", config={"hidden": 8}, seed=1) != before
+
+
 def test_fingerprint_local_folder_follows_file_content(tmp_path):
     model = tmp_path / "model"
     model.mkdir()

@@ -307,6 +307,25 @@ def model_fingerprint(ref: str, *, config: dict | None = None, seed: int | None 
     - otherwise a hub id, which must already be in the local Hugging Face cache (no hub is reachable):
       the id plus the cached commit of ``revision``.
     """
+    return digest(_library_versions(), _weights_fingerprint(ref, config, seed, revision, hash_memo))
+
+
+@functools.cache
+def _library_versions() -> dict[str, str]:
+    """Versions of the libraries that run the models: an upgrade may change results, so it re-keys caches
+    (tiny models are also built by these libraries, so the same config and seed need not give the same weights)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "torchvision", "transformers", "diffusers", "open-clip-torch"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _weights_fingerprint(ref: str, config, seed, revision, hash_memo) -> str:
     if ref.startswith("tiny"):
         return digest("tiny", ref, config, seed)
     path = Path(ref).expanduser()
