@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from gmner.draw import STRIP_BACKGROUND, draw_file, draw_predictions, render, type_colour
 from gmner.errors import DataError
 from gmner.jsonl_predict import predict_jsonl
-from gmner.tagger import CRFTagger
-from gmner.text_encoder import load_text_encoder
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 ENTITIES = [
     {"text": "Obama", "type": "PER", "box": [20.0, 40.0, 120.0, 180.0]},
     {"text": "Eiffel Tower", "type": "LOC", "box": [150.0, 30.0, 290.0, 190.0]},
@@ -99,21 +95,6 @@ def test_bad_images_are_counted_and_bad_ids_fail_naming_the_line(tmp_path):
         draw_predictions(["a", "../up"], [image, image], [[], []], tmp_path / "out", "in.jsonl")
     with pytest.raises(DataError, match="in.jsonl:3: .*repeats line 1"):
         draw_predictions([5, 6, 5], [image] * 3, [[]] * 3, tmp_path / "out", "in.jsonl")
-
-
-@pytest.fixture(scope="module")
-def every_word_a_person(tmp_path_factory):
-    """A saved text-only tagger rigged to tag every word B-PER (as in test_jsonl_predict)."""
-    torch.manual_seed(0)
-    encoder, tokenizer = load_text_encoder("tiny", TINY, "Obama visits Paris".split())
-    tagger = CRFTagger(encoder, tokenizer, ["O", "B-PER", "I-PER"])
-    with torch.no_grad():
-        tagger.classifier.weight.zero_()
-        tagger.classifier.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
-        tagger.crf.transitions.zero_()
-    model_dir = tmp_path_factory.mktemp("model")
-    tagger.save(model_dir)
-    return model_dir
 
 
 def test_predict_jsonl_draws_lines_with_images(every_word_a_person, tmp_path, capsys):

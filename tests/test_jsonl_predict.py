@@ -5,29 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from gmner.errors import DataError
 from gmner.jsonl_predict import predict_jsonl
-from gmner.tagger import CRFTagger
-from gmner.text_encoder import load_text_encoder
-
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
-
-
-@pytest.fixture(scope="module")
-def every_word_a_person(tmp_path_factory):
-    """A saved tagger rigged to tag every word B-PER, so the expected output is known exactly."""
-    torch.manual_seed(0)
-    encoder, tokenizer = load_text_encoder("tiny", TINY, "Obama visits Paris today Obama Paris".split())
-    tagger = CRFTagger(encoder, tokenizer, ["O", "B-PER", "I-PER"])
-    with torch.no_grad():
-        tagger.classifier.weight.zero_()
-        tagger.classifier.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
-        tagger.crf.transitions.zero_()
-    model_dir = tmp_path_factory.mktemp("model")
-    tagger.save(model_dir)
-    return model_dir
 
 
 def write_lines(path, *lines):
