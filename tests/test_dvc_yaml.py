@@ -75,3 +75,33 @@ def test_stage_params_are_groups_of_params_yaml():
             for part in key.split("."):
                 assert part in node, f"stage {name} declares param {key}, absent from params.yaml"
                 node = node[part]
+
+
+def _declares(stage: dict, file: Path) -> bool:
+    declared = [ROOT / (d if isinstance(d, str) else next(iter(d))) for d in stage["deps"]]
+    return any(file == d or d in file.parents for d in declared)
+
+
+def test_evaluate_stages_declare_the_model_code_the_predictor_imports_lazily():
+    from gmner.predictor import LAZY_LOADERS
+
+    stages = _stages()
+    producers = {}
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            producers[out if isinstance(out, str) else next(iter(out))] = stage
+    checked = 0
+    for name, stage in stages.items():
+        words = stage["cmd"].split()
+        if "--model" not in words:
+            continue
+        trainer = producers[f"models/{words[words.index('--model') + 1]}"]
+        trained_with = _closure(ROOT / trainer["cmd"].split()[1])
+        for module in LAZY_LOADERS.values():
+            file = _module_file(module)
+            if file in trained_with:  # the model this stage evaluates is loaded through this module
+                checked += 1
+                missing = [str(f.relative_to(ROOT)) for f in {file, *_closure(file)}
+                           if f.name != "__init__.py" and not _declares(stage, f)]
+                assert not missing, f"stage {name} loads {module} but does not depend on {missing}"
+    assert checked, "no evaluate stage loads a lazily imported model"

@@ -26,6 +26,7 @@ STAGES = {
     "synthesize": ("gmner.synthesize", "Generate images from tweet text and score the originals' relevance."),
     "features": ("gmner.features", "Embed images, regions, generated images and text into data/features/."),
     "train": ("gmner.train_tagger", "Train the transformer + CRF text tagger into models/tagger."),
+    "train_index": ("gmner.train_index", "Train the BART index-generation model (H-Index style) into models/index."),
     "train_grounded": ("gmner.train_grounded", "Train the CRF tagger with a region-grounding head into models/grounded."),
 }
 

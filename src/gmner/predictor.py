@@ -48,7 +48,10 @@ def _load_crf_tagger(model_dir: Path, device: torch.device) -> Predictor:
 LOADERS = {CRFTagger.kind: _load_crf_tagger}
 # Kinds whose module (exposing ``load_predictor(model_dir, device)``) is imported only when such a model is
 # loaded, so stages that never load one do not import, or depend on, its code.
-LAZY_LOADERS = {"grounded_tagger": "gmner.grounded_tagger"}
+LAZY_LOADERS = {
+    "grounded_tagger": "gmner.grounded_tagger",
+    "index_generation": "gmner.index_generation",
+}
 
 
 def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Predictor:
