@@ -31,9 +31,9 @@ from gmner.bio import spans as bio_spans
 from gmner.errors import DataError
 from gmner.grounding import (
     DEFAULT_PATHS,
-    GEOMETRY,
     NONE,
     ImageVisual,
+    VisualProjection,
     VisualStore,
     collate_visual,
     grounding_loss,
@@ -88,29 +88,17 @@ class GroundingHead(nn.Module):
         self.cfg = cfg
         self.span = nn.Linear(2 * text_dim * cfg.span_words + SPAN_FEATURES, h)
         self.span_type = nn.Embedding(n_types, h)
-        # Per-dimension standardisation of the embeddings, from the training features (feature_statistics).
-        for name in ("region", "image"):
-            self.register_buffer(f"{name}_mean", torch.zeros(cfg.visual_dim))
-            self.register_buffer(f"{name}_std", torch.ones(cfg.visual_dim))
-        self.region = nn.Linear(cfg.visual_dim, h)
-        self.geometry = nn.Linear(len(GEOMETRY), h)
-        self.rank = nn.Embedding(cfg.top_k, h)
-        self.image = nn.Linear(cfg.visual_dim, h)
+        self.visual = VisualProjection(cfg.visual_dim, cfg.top_k, h)
         self.none = nn.Parameter(torch.randn(h) * 0.02)
         self.key_norm = nn.LayerNorm(h)
         self.attention = nn.MultiheadAttention(h, cfg.heads, dropout=dropout, batch_first=True)
         self.fused_norm = nn.LayerNorm(h)
         self.query = nn.Linear(h, h)
 
-    def set_feature_statistics(self, stats: dict[str, np.ndarray]) -> None:
-        for name, value in stats.items():
-            getattr(self, name).copy_(torch.from_numpy(value))
-
     def keys(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 2 + K, h) keys [none, image, candidates...] and their (B, 2 + K) validity (True = usable)."""
-        features = (batch["region_features"] - self.region_mean) / self.region_std
-        regions = self.region(features) + self.geometry(batch["region_geometry"]) + self.rank(batch["region_rank"])
-        image = self.image((batch["image_features"] - self.image_mean) / self.image_std)[:, None]
+        image, regions = self.visual(batch)
+        image = image[:, None]
         none = self.none.expand(len(image), 1, -1)
         keys = self.key_norm(torch.cat([none, image, regions], dim=1))
         valid = torch.cat(

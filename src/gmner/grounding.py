@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gmner.boxes import iou_matrix
 from gmner.errors import DataError
@@ -143,6 +144,35 @@ def feature_statistics(items: Sequence[ImageVisual], dim: int) -> dict[str, np.n
         out[f"{name}_mean"] = values.mean(axis=0) if len(values) else np.zeros(dim, np.float32)
         out[f"{name}_std"] = np.maximum(values.std(axis=0), 1e-6) if len(values) > 1 else np.ones(dim, np.float32)
     return {key: value.astype(np.float32) for key, value in out.items()}
+
+
+class VisualProjection(nn.Module):
+    """Region and whole-image inputs of a grounded model, projected to its width ``dim``.
+
+    Embeddings are standardised per dimension with the training statistics (:func:`feature_statistics`,
+    kept as buffers so they are saved with the model); a candidate adds its box geometry and its rank.
+    """
+
+    def __init__(self, visual_dim: int, top_k: int, dim: int):
+        super().__init__()
+        for name in ("region", "image"):
+            self.register_buffer(f"{name}_mean", torch.zeros(visual_dim))
+            self.register_buffer(f"{name}_std", torch.ones(visual_dim))
+        self.region = nn.Linear(visual_dim, dim)
+        self.geometry = nn.Linear(len(GEOMETRY), dim)
+        self.rank = nn.Embedding(top_k, dim)
+        self.image = nn.Linear(visual_dim, dim)
+
+    def set_feature_statistics(self, stats: dict[str, np.ndarray]) -> None:
+        for name, value in stats.items():
+            getattr(self, name).copy_(torch.from_numpy(value))
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, dim) image inputs and (B, K, dim) candidate inputs of a :func:`collate_visual` batch."""
+        regions = self.region((batch["region_features"] - self.region_mean) / self.region_std)
+        regions = regions + self.geometry(batch["region_geometry"]) + self.rank(batch["region_rank"])
+        image = self.image((batch["image_features"] - self.image_mean) / self.image_std)
+        return image, regions
 
 
 class VisualStore:

@@ -31,9 +31,9 @@ from torch import nn
 from gmner.grounded_tagger import GroundedPredictor
 from gmner.grounding import (
     DEFAULT_PATHS,
-    GEOMETRY,
     NONE,
     ImageVisual,
+    VisualProjection,
     VisualStore,
     collate_visual,
     grounding_loss,
@@ -130,13 +130,7 @@ class IndexGenerator(WordTagger):
         self.types = sorted({label[2:] for label in self.labels if label != "O"})
         self.type_index = {t: i for i, t in enumerate(self.types)}
         d = encoder.config.d_model
-        for name in ("region", "image"):  # per-dimension standardisation (gmner.grounding.feature_statistics)
-            self.register_buffer(f"{name}_mean", torch.zeros(grounding.visual_dim))
-            self.register_buffer(f"{name}_std", torch.ones(grounding.visual_dim))
-        self.region = nn.Linear(grounding.visual_dim, d)
-        self.geometry = nn.Linear(len(GEOMETRY), d)
-        self.rank = nn.Embedding(grounding.top_k, d)
-        self.image = nn.Linear(grounding.visual_dim, d)
+        self.visual = VisualProjection(grounding.visual_dim, grounding.top_k, d)
         self.n_vocab = FIRST_TYPE + len(self.types)  # EOS, NONE, types
         self.symbol = nn.Embedding(self.n_vocab + 1, d)  # + BOS, an input only
         self.vocab = nn.Linear(d, self.n_vocab)
@@ -158,10 +152,6 @@ class IndexGenerator(WordTagger):
             encoder, tokenizer, config["labels"], config["max_length"], config["dropout"],
             grounding=IndexConfig(**config["grounding"]), visual_paths=config["visual_paths"],
         )
-
-    def set_feature_statistics(self, stats: dict[str, np.ndarray]) -> None:
-        for name, value in stats.items():
-            getattr(self, name).copy_(torch.from_numpy(value))
 
     def target(self, visual: ImageVisual, gold_boxes: np.ndarray) -> np.ndarray:
         """The region target over NONE + the image's candidates, for this model's switches."""
@@ -186,9 +176,7 @@ class IndexGenerator(WordTagger):
         k = batch["region_mask"].shape[1]
         text_len = text_mask.sum(dim=1)
         slots = text_len[:, None] + torch.arange(1 + k, device=self.device)  # image, then candidates
-        regions = self.region((batch["region_features"] - self.region_mean) / self.region_std)
-        regions = regions + self.geometry(batch["region_geometry"]) + self.rank(batch["region_rank"])
-        image = self.image((batch["image_features"] - self.image_mean) / self.image_std)
+        image, regions = self.visual(batch)
         image_valid = batch["image_mask"] & self.grounding.global_feature
         visual_mask = torch.cat([image_valid[:, None], batch["region_mask"] & self.grounding.regions], dim=1)
         embeds = torch.zeros((n, length + 1 + k, embed.embedding_dim), device=self.device)

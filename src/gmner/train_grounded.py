@@ -107,7 +107,7 @@ def run_stage(params: dict, root: str | Path = ".") -> None:
     tagger = build_crf_tagger(cfg, train, GroundedTagger, grounding=head)
     tagger = tagger.to(resolve_device(params["base"]["device"]))
     data = GroundedTrainingSet(tagger, train, store)
-    tagger.head.set_feature_statistics(feature_statistics(data.visuals, store.dim))
+    tagger.head.visual.set_feature_statistics(feature_statistics(data.visuals, store.dim))
     log.info("train: %s; targets: %s", dict(data.coverage), dict(data.target_counts))
     summary = {
         "train_visual": dict(data.coverage),

@@ -77,7 +77,7 @@ def run_stage(params: dict, root: str | Path = ".") -> None:
     seed_everything(seed)
     model = build_model(cfg, group, train, store.dim).to(resolve_device(params["base"]["device"]))
     data = IndexTrainingSet(model, train, store)
-    model.set_feature_statistics(feature_statistics(data.visuals, store.dim))
+    model.visual.set_feature_statistics(feature_statistics(data.visuals, store.dim))
     log.info("train: %s; targets: %s; sequences: %s", dict(data.coverage), dict(data.target_counts),
              dict(data.sequence_counts))
     summary = {
