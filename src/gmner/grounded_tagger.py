@@ -128,10 +128,40 @@ class GroundingHead(nn.Module):
         return logits.masked_fill(~usable, torch.finfo(logits.dtype).min)
 
 
-class GroundedTagger(CRFTagger):
+class GroundedModel:
+    """What every grounded model family shares (mixed in before its tagger base): the grounding params and
+    where prediction reads candidates and features, the entity types, the region target, and model.json."""
+
+    grounding_config: type  # the dataclass of the model's grounding params
+
+    def init_grounding(self, grounding, visual_paths: dict | None) -> None:
+        self.grounding = grounding
+        # Where prediction reads candidates and features (relative to the working directory).
+        self.visual_paths = dict(visual_paths or DEFAULT_PATHS)
+        self.types = sorted({label[2:] for label in self.labels if label != "O"})
+        self.type_index = {t: i for i, t in enumerate(self.types)}
+
+    def target(self, visual: ImageVisual, gold_boxes: np.ndarray) -> np.ndarray:
+        """The training target over "none" + the image's candidates, for this model's switches."""
+        valid = visual.valid & self.grounding.regions
+        return soft_labels(visual.boxes, gold_boxes, valid, self.grounding.soft_label_threshold)
+
+    def config(self) -> dict:
+        return {**CRFTagger.config(self), "grounding": asdict(self.grounding), "visual_paths": self.visual_paths}
+
+    @classmethod
+    def from_config(cls, encoder: nn.Module, tokenizer, config: dict):
+        return cls(
+            encoder, tokenizer, config["labels"], config["max_length"], config["dropout"],
+            grounding=cls.grounding_config(**config["grounding"]), visual_paths=config["visual_paths"],
+        )
+
+
+class GroundedTagger(GroundedModel, CRFTagger):
     """``CRFTagger`` + ``GroundingHead``; saved and loaded like it, with the head's config in model.json."""
 
     kind = "grounded_tagger"
+    grounding_config = GroundingConfig
 
     def __init__(
         self,
@@ -145,27 +175,8 @@ class GroundedTagger(CRFTagger):
         visual_paths: dict | None = None,
     ):
         super().__init__(encoder, tokenizer, labels, max_length, dropout)
-        self.grounding = grounding
-        self.types = sorted({label[2:] for label in self.labels if label != "O"})
-        self.type_index = {t: i for i, t in enumerate(self.types)}
-        # Where prediction reads candidates and features (relative to the working directory).
-        self.visual_paths = dict(visual_paths or DEFAULT_PATHS)
+        self.init_grounding(grounding, visual_paths)
         self.head = GroundingHead(encoder.config.hidden_size, len(self.types), grounding, dropout)
-
-    def config(self) -> dict:
-        return {**super().config(), "grounding": asdict(self.grounding), "visual_paths": self.visual_paths}
-
-    @classmethod
-    def from_config(cls, encoder: nn.Module, tokenizer, config: dict) -> "GroundedTagger":
-        return cls(
-            encoder, tokenizer, config["labels"], config["max_length"], config["dropout"],
-            grounding=GroundingConfig(**config["grounding"]), visual_paths=config["visual_paths"],
-        )
-
-    def target(self, visual: ImageVisual, gold_boxes: np.ndarray) -> np.ndarray:
-        """The training target over "none" + the image's candidates, for this model's switches."""
-        valid = visual.valid & self.grounding.regions
-        return soft_labels(visual.boxes, gold_boxes, valid, self.grounding.soft_label_threshold)
 
     def span_batch(
         self,

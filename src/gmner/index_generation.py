@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -28,16 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmner.grounded_tagger import GroundedPredictor
+from gmner.grounded_tagger import GroundedModel, GroundedPredictor
 from gmner.grounding import (
-    DEFAULT_PATHS,
     NONE,
     ImageVisual,
     VisualProjection,
     VisualStore,
     collate_visual,
     grounding_loss,
-    soft_labels,
 )
 from gmner.pointer_decoding import (
     BOS,
@@ -100,11 +98,12 @@ def build_bart(spec: str, tiny: dict, vocab_words=None, dropout: float = 0.1):
     return BartModel(bart), tokenizer
 
 
-class IndexGenerator(WordTagger):
+class IndexGenerator(GroundedModel, WordTagger):
     """BART with visual encoder slots and pointer outputs. ``self.encoder`` is the whole BartModel, so that
     ``fit`` trains all of it at the encoder learning rate and everything added here at ``head_lr``."""
 
     kind = "index_generation"
+    grounding_config = IndexConfig
 
     def __init__(
         self,
@@ -125,10 +124,7 @@ class IndexGenerator(WordTagger):
         if steps > limit:
             raise ValueError(f"max_entities {grounding.max_entities} needs {steps} decoder steps; {limit} positions")
         self.dropout_p = dropout
-        self.grounding = grounding  # named as GroundedTagger's, so GroundedPredictor serves this model too
-        self.visual_paths = dict(visual_paths or DEFAULT_PATHS)
-        self.types = sorted({label[2:] for label in self.labels if label != "O"})
-        self.type_index = {t: i for i, t in enumerate(self.types)}
+        self.init_grounding(grounding, visual_paths)  # as GroundedTagger's, so GroundedPredictor serves it too
         d = encoder.config.d_model
         self.visual = VisualProjection(grounding.visual_dim, grounding.top_k, d)
         self.n_vocab = FIRST_TYPE + len(self.types)  # EOS, NONE, types
@@ -139,24 +135,6 @@ class IndexGenerator(WordTagger):
 
     save = CRFTagger.save  # model.json + encoder/ + head.safetensors, as the taggers
     load = classmethod(CRFTagger.load.__func__)
-
-    def config(self) -> dict:
-        return {
-            "kind": self.kind, "labels": self.labels, "max_length": self.max_length, "dropout": self.dropout_p,
-            "grounding": asdict(self.grounding), "visual_paths": self.visual_paths,
-        }
-
-    @classmethod
-    def from_config(cls, encoder: nn.Module, tokenizer, config: dict) -> "IndexGenerator":
-        return cls(
-            encoder, tokenizer, config["labels"], config["max_length"], config["dropout"],
-            grounding=IndexConfig(**config["grounding"]), visual_paths=config["visual_paths"],
-        )
-
-    def target(self, visual: ImageVisual, gold_boxes: np.ndarray) -> np.ndarray:
-        """The region target over NONE + the image's candidates, for this model's switches."""
-        valid = visual.valid & self.grounding.regions
-        return soft_labels(visual.boxes, gold_boxes, valid, self.grounding.soft_label_threshold)
 
     # --- batches -------------------------------------------------------------------------------------------
 
