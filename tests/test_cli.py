@@ -37,3 +37,15 @@ def test_bad_input_ends_with_its_location_and_exit_code_2(tmp_path, monkeypatch,
     assert exit_info.value.code == 2
     assert f"error: {bad}:2:" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_exp_run_passes_a_config_files_params_as_overrides(tmp_path):
+    (tmp_path / "p.yaml").write_text("train: {lr: 0.1, encoder: tiny}\n")
+    (tmp_path / "c.yaml").write_text("train: {lr: 3.0e-5, encoder: bert-base-cased}\n")
+    args = ["exp-run", str(tmp_path / "c.yaml"), "--params", str(tmp_path / "p.yaml"), "--dry-run"]
+    result = CliRunner().invoke(app, [*args, "train", "--queue"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "dvc exp run -S train.lr=3.0e-05 -S train.encoder=bert-base-cased train --queue"
+    (tmp_path / "c.yaml").write_text("train: {lr_typo: 1}\n")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "train.lr_typo is not a param of" in result.output

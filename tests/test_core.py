@@ -1,6 +1,7 @@
 """The small shared pieces: atomic writes, the skip policy, params overrides, the per-item cache."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +10,9 @@ import pytest
 from gmner.atomic import atomic_path, write_json, write_parquet
 from gmner.cache import ItemCache, digest
 from gmner.errors import DataError, Policy
-from gmner.params import load_params
+from gmner.params import config_overrides, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_failed_atomic_write_leaves_nothing(tmp_path):
@@ -48,6 +51,31 @@ def test_params_overrides_parse_yaml_values(tmp_path):
     assert params["train"] == {"lr": 3e-5, "epochs": 2, "new": {"flag": True}}
     with pytest.raises(ValueError, match="not key=value"):
         load_params(path, ["train.lr"])
+
+
+def test_config_files_become_checked_overrides_that_load_params_reads_back(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("prepare:\n  files: {train: train.txt}\n  types: [PER]\ntrain:\n  lr: 0.1\n  encoder: tiny\n"
+                      "  tiny: {hidden_size: 8}\n  fit: {}\n")
+    config = tmp_path / "twitter2015.yaml"
+    config.write_text("prepare:\n  files: {train: train.txt, dev: valid.txt}\n  types: []\n"
+                      "train: {lr: 3.0e-5, encoder: bert-base-cased, tiny: {hidden_size: 16}, fit: {epochs: 2}}\n")
+    overrides = config_overrides(config, params)
+    assert overrides == ["++prepare.files={train: train.txt, dev: valid.txt}", "prepare.types=[]", "train.lr=3.0e-05",
+                         "train.encoder=bert-base-cased", "train.tiny.hidden_size=16", "++train.fit={epochs: 2}"]
+    loaded = load_params(params, overrides)
+    assert loaded["prepare"] == {"files": {"train": "train.txt", "dev": "valid.txt"}, "types": []}
+    assert loaded["train"] == {"lr": 3e-5, "encoder": "bert-base-cased", "tiny": {"hidden_size": 16}, "fit": {"epochs": 2}}
+    config.write_text("train:\n  lr_typo: 1\n")
+    with pytest.raises(ValueError, match="twitter2015.yaml: train.lr_typo is not a param of"):
+        config_overrides(config, params)
+
+
+def test_shipped_dataset_configs_name_only_existing_params():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"twitter2015", "twitter2017", "twitter-gmner"}
+    for config in configs:
+        assert config_overrides(config, ROOT / "params.yaml")
 
 
 def test_cache_round_trip_and_corruption(tmp_path):

@@ -11,12 +11,7 @@ import torch
 from PIL import Image
 
 from gmner import schema
-from gmner.grounded_tagger import (
-    GroundedPredictor,
-    GroundedTagger,
-    GroundingConfig,
-    span_features,
-)
+from gmner.grounded_tagger import GroundedTagger, GroundingConfig, span_features
 from gmner.grounding import DEFAULT_PATHS, NONE, VisualStore
 from gmner.images import image_info
 from gmner.jsonl_predict import predict_jsonl
@@ -24,6 +19,7 @@ from gmner.params import load_params, seed_everything
 from gmner.predictor import load
 from gmner.train_grounded import GroundedTrainingSet
 from gmner.train_tagger import build_crf_tagger, fit
+from gmner.visual_tagger import VisualPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM, K = 4, 3
@@ -72,7 +68,7 @@ def _tiny_dataset(n: int = 8, image_sha: str | None = None):
 def _tagger(tweets: pa.Table, **head) -> GroundedTagger:
     seed_everything(0)
     return build_crf_tagger(CFG, tweets, GroundedTagger,
-                            grounding=GroundingConfig(visual_dim=DIM, top_k=K, hidden=8, heads=2, **head))
+                            visual=GroundingConfig(visual_dim=DIM, top_k=K, hidden=8, heads=2, **head))
 
 
 def test_span_features_place_each_span_among_those_of_its_type():
@@ -115,6 +111,64 @@ def test_head_shapes_and_masks():
     assert (logits[:, 1:] == very_negative).all() and (logits.argmax(-1) == NONE).all()
 
 
+def test_connector_head_keeps_the_masks_and_adds_its_balance_term():
+    tweets, *tables = _tiny_dataset()
+    # Without a connector the weights are those of before (saved models load unchanged).
+    assert not any(".connector." in key for key in _tagger(tweets).state_dict())
+    tagger = _tagger(tweets, connector={"dropout": 0.0}, balance_weight=1.0).eval()
+    assert tagger.head.visual.connector is not None
+    batch = GroundedTrainingSet(tagger, tweets, VisualStore(*tables, top_k=K)).batch([0, 1, 2, 3])
+    states = tagger.word_states(batch)
+    logits, balance = tagger.head.scores(states, batch)
+    very_negative = torch.finfo(logits.dtype).min
+    assert (logits[:4, 1:] == very_negative).all() and (logits[4:] > very_negative).all()
+    assert balance.item() > 0
+    noisy = dict(batch, region_features=batch["region_features"].clone())
+    noisy["region_features"][:2] = 1e3  # tweets without usable candidates
+    assert torch.equal(tagger.head.scores(states, noisy)[0], logits)
+    # The balance term joins the loss with its weight (same seed, so the same weights).
+    unweighted = _tagger(tweets, connector={"dropout": 0.0}, balance_weight=0.0).eval()
+    difference = tagger.loss(batch) - unweighted.loss(batch)
+    assert difference.item() == pytest.approx(balance.item(), rel=1e-3)
+    with pytest.raises(TypeError, match="text_dim"):  # the sizes are the model's
+        GroundingConfig(visual_dim=DIM, connector={"text_dim": 8})
+
+
+def _extra_tables(tweets: pa.Table) -> dict:
+    """A caption per image and a generated image per tweet (none for tweet 3)."""
+    shas = sorted({sha for sha in tweets.column("image_sha256").to_pylist() if sha})
+    vec = pa.list_(pa.float32(), DIM)
+    ids = tweets.column("tweet_id").to_pylist()
+    generated = [f"gen{i}" for i in ids if i != "3"]
+    return {
+        "captions": pa.table({"image_sha256": shas, "caption": ["a red car"] * len(shas),
+                              "skip_reason": pa.nulls(len(shas), pa.string())}),
+        "synthesized": pa.table({"tweet_id": ids, "split": ["train"] * len(ids),
+                                 "image_sha256": [f"gen{i}" for i in ids], "relevant": [True] * len(ids),
+                                 "entities": pa.array([[]] * len(ids), schema.SYNTHESIZED.field("entities").type)}),
+        "generated_features": pa.table({"image_sha256": generated, "skip_reason": pa.nulls(len(generated), pa.string()),
+                                        "embedding": pa.array(np.ones((len(generated), DIM)).tolist(), vec)}),
+    }
+
+
+@pytest.mark.parametrize("switched_on", [False, True])
+def test_caption_and_generated_image_switches(switched_on):
+    tweets, *tables = _tiny_dataset()
+    tagger = _tagger(tweets, captions=switched_on, generated_image=switched_on).eval()
+    assert tagger.extras == (("captions", "generated") if switched_on else ())
+    store = VisualStore(*tables, top_k=K, extras=tagger.extras, extra_tables=_extra_tables(tweets))
+    batch = GroundedTrainingSet(tagger, tweets, store).batch([0, 2, 3])  # no image; generated; none generated
+    # The caption follows the tweet of a tweet with an image, when switched on.
+    assert batch["context_mask"].any(dim=1).tolist() == [False, switched_on, switched_on]
+    keys, valid = tagger.head.keys(batch)
+    assert keys.shape == (3, 3 + K, 8)
+    assert valid[:, 2].tolist() == [switched_on, switched_on, False]  # the generated-image key
+    states = tagger.word_states(batch)
+    moved = dict(batch, generated_features=batch["generated_features"] * -5)
+    assert torch.equal(tagger.head(states, moved), tagger.head(states, batch)) != switched_on
+    assert torch.isfinite(tagger.loss(batch))
+
+
 def test_training_learns_to_ground_and_predicts_regions_and_none():
     tweets, *tables = _tiny_dataset(n=12)
     store = VisualStore(*tables, top_k=K)
@@ -125,7 +179,7 @@ def test_training_learns_to_ground_and_predicts_regions_and_none():
     first = tagger.loss(data.batch(range(12))).item()
     fit(tagger, data, tweets, dict(CFG, epochs=8), seed=0)
     assert tagger.loss(data.batch(range(12))).item() < first / 2
-    predictor = GroundedPredictor(tagger, store)
+    predictor = VisualPredictor(tagger, store)
     entities = predictor.predict(tweets, tables[0]).column("entities").to_pylist()
     assert predictor.counts["only_none"] == 2
     for i, tweet in enumerate(entities):
@@ -145,12 +199,12 @@ def test_save_load_round_trip_and_gmner_predict(tmp_path, monkeypatch):
         for p in tagger.head.parameters():
             p.add_(torch.randn_like(p))
     tagger.save(tmp_path / "model")
-    assert json.loads((tmp_path / "model" / "model.json").read_text())["grounding"]["top_k"] == K
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["visual"]["top_k"] == K
 
     store = VisualStore(*tables, top_k=K)
-    expected = GroundedPredictor(tagger.eval(), store).predict(tweets)
+    expected = VisualPredictor(tagger.eval(), store).predict(tweets)
     loaded = load(tmp_path / "model")
-    assert isinstance(loaded, GroundedPredictor)
+    assert isinstance(loaded, VisualPredictor)
     assert loaded.predict(tweets, tables[0]).equals(expected)
 
     # `gmner predict`: a new tweet found by its image's bytes, one without an image.
@@ -191,7 +245,8 @@ def test_on_the_sample_regions_lift_gmner_above_text_only(tmp_path, monkeypatch)
 
     root = _sample_root(tmp_path)
     monkeypatch.chdir(root)  # the grounded predictors read data/ relative to the working directory
-    params = load_params(ROOT / "params.yaml", ["base.seed=13", "train.epochs=6", "evaluate.splits=[test]"])
+    params = load_params(ROOT / "params.yaml", ["base.seed=13", "train.epochs=6", "evaluate.splits=[test]",
+                                               "train_grounded.init=none"])
 
     def test_gmner(model: str) -> dict:
         evaluation.run_stage(params, model, root)

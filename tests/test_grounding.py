@@ -162,3 +162,48 @@ def test_grounding_losses_stay_finite_with_masked_options():
     assert NONE == 0
     with pytest.raises(ValueError, match="'kl' or 'ce'"):
         grounding_loss(logits, target, "mse")
+
+
+def _extra_tables() -> dict:
+    vec = pa.list_(pa.float32(), 2)
+    generated = {"image_sha256": "g1", "prompt": "p", "start": 0, "end": 1, "type": "PER", "text": "Ann"}
+    return {
+        "captions": pa.table({"image_sha256": ["a", "b"], "caption": ["a red car", None],
+                              "skip_reason": [None, "corrupt_image"]}),
+        "synthesized": pa.table({
+            "tweet_id": ["1", "2"], "split": ["train", "train"], "image_sha256": ["g0", "gx"],
+            "relevant": [False, None], "entities": [[{**generated, "image_path": "g1.png"}], []],
+        }),
+        "generated_features": pa.table({"image_sha256": ["g0", "g1"], "embedding": pa.array([[5, 5], [6, 6]], vec),
+                                        "skip_reason": [None, None]}),
+        "text_features": pa.table({"tweet_id": ["1"], "split": ["train"], "embedding": pa.array([[9, 9]], vec)}),
+    }
+
+
+def test_store_extras_come_per_image_and_per_tweet_and_missing_ones_are_counted():
+    regions, region_features, image_features = _tables()
+    patch_type = pa.list_(pa.list_(pa.float32(), 2), 3)
+    patches = pa.array([[[1, 0], [0, 1], [1, 1]], None, [[2, 2], [2, 2], [2, 2]]], patch_type)
+    image_features = image_features.add_column(2, "patch_tokens", patches)
+    extras = ("captions", "generated", "patches", "text")
+    store = VisualStore(regions, region_features, image_features, 2, extras=extras, extra_tables=_extra_tables())
+    tweets = pa.table({"tweet_id": ["1", "2", "3"], "split": ["train"] * 3, "image_sha256": ["a", "b", None],
+                       "width": [8, 8, None], "height": [8, 8, None]})
+    (one, two, three), counts = store.lookup_table(tweets)
+    assert one.caption == ("a", "red", "car") and one.patches.shape == (3, 2) and one.relevant is False
+    assert one.generated.tolist() == [5, 5] and one.text.tolist() == [9, 9]
+    assert list(one.entity_images) == [(0, 1)] and one.entity_images[(0, 1)].tolist() == [6, 6]
+    assert two.caption is None and two.patches is None and two.generated is None and two.relevant is None
+    assert three.caption is None and three.generated is None and three.text is None
+    assert (counts["caption_missing"], counts["patches_missing"]) == (1, 1)  # tweet 3 has no image to miss
+    assert (counts["generated_missing"], counts["text_feature_missing"]) == (2, 2)
+    batch = collate_visual([one, two, three], dim=2, patch_dim=store.patch_dim)
+    assert batch["patch_tokens"].shape == (3, 3, 2) and batch["patch_mask"].tolist() == [[True] * 3] + [[False] * 3] * 2
+    assert batch["generated_mask"].tolist() == [True, False, False]
+    assert batch["text_mask"].tolist() == [True, False, False]
+    assert batch["relevant_mask"].tolist() == [True, False, False] and not batch["relevant"].any()
+    assert batch["generated_features"][1:].abs().sum() == 0  # absent: masked zeros, never read as real
+    with pytest.raises(ValueError, match="need the tables"):
+        VisualStore(*_tables(), 2, extras=("captions",))
+    with pytest.raises(ValueError, match="unknown visual extras"):
+        VisualStore(*_tables(), 2, extras=("audio",))

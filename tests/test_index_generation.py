@@ -10,7 +10,6 @@ import pytest
 import torch
 from test_grounded_tagger import DIM, K, _tiny_dataset
 
-from gmner.grounded_tagger import GroundedPredictor
 from gmner.grounding import DEFAULT_PATHS, VisualStore
 from gmner.index_generation import IndexGenerator
 from gmner.params import load_params, seed_everything
@@ -28,6 +27,7 @@ from gmner.pointer_decoding import (
 )
 from gmner.predictor import load
 from gmner.train_index import IndexTrainingSet, build_model, run_stage
+from gmner.visual_tagger import VisualPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,10 +109,12 @@ def test_encoder_inputs_mask_missing_regions():
     batch = data.batch([0, 1, 2, 3])  # no image, null features, two usable images
     inputs = model.encoder_inputs(batch)
     length = batch["input_ids"].shape[1]
-    assert inputs["embeds"].shape == (4, length + 1 + K, 16) and inputs["mask"].shape == (4, length + 1 + K)
+    assert inputs["embeds"].shape == (4, length + 2 + K, 16) and inputs["mask"].shape == (4, length + 2 + K)
     rows = torch.arange(4)[:, None]
     assert inputs["mask"][rows, inputs["region_slots"]].tolist() == [[False] * K] * 2 + [[True] * K] * 2
-    assert inputs["mask"][torch.arange(4), inputs["image_slot"]].tolist() == [False, False, True, True]
+    image_slot, generated_slot = inputs["region_slots"][:, 0] - 2, inputs["region_slots"][:, 0] - 1
+    assert inputs["mask"][torch.arange(4), image_slot].tolist() == [False, False, True, True]
+    assert not inputs["mask"][torch.arange(4), generated_slot].any()  # generated_image is off
     visual = inputs["mask"].sum(dim=1) - batch["attention_mask"].sum(dim=1)
     assert visual.tolist() == [0, 0, 1 + K, 1 + K]
     # Whatever sits in masked slots changes nothing.
@@ -152,16 +154,16 @@ def test_training_lowers_the_loss_and_save_load_predicts_identically(tmp_path, m
     assert json.loads((tmp_path / "model" / "model.json").read_text())["kind"] == "index_generation"
     _write_tables(tables, tmp_path)
     monkeypatch.chdir(tmp_path)  # the loaded predictor reads the tables relative to the working directory
-    before = GroundedPredictor(model.eval(), store).predict(tweets)
+    before = VisualPredictor(model.eval(), store).predict(tweets)
     loaded = load(tmp_path / "model")
-    assert isinstance(loaded.tagger, IndexGenerator) and loaded.tagger.types == ["LOC", "PER"]
+    assert isinstance(loaded.model, IndexGenerator) and loaded.model.types == ["LOC", "PER"]
     assert loaded.predict(tweets, tables[0]).equals(before)
     entities = before.column("entities").to_pylist()
     # Trained to the gold: Ann Lee (PER) on the candidate drawn, Oslo (LOC) never grounded, no image -> none.
     assert [(e["start"], e["end"], e["type"]) for e in entities[3]] == [(1, 3, "PER"), (4, 5, "LOC")]
     assert [e["region"] for e in entities[3]] == [1, None] and [e["region"] for e in entities[0]] == [None, None]
 
-    loaded.tagger.grounding = replace(loaded.tagger.grounding, beam_size=3)
+    loaded.model.visual_cfg = replace(loaded.model.visual_cfg, beam_size=3)
     beam = loaded.predict(tweets).column("entities").to_pylist()
     assert [(e["start"], e["end"], e["type"], e["region"]) for e in beam[3]] == [(1, 3, "PER", 1), (4, 5, "LOC", None)]
 

@@ -153,6 +153,23 @@ def test_first_subword_carries_the_word_label():
     assert batch["word_mask"].tolist() == [[True] * 4] and stats.truncated_words == 0
 
 
+def test_context_is_appended_after_the_tweet_in_the_room_left_and_never_tagged():
+    encoder, tokenizer = load_text_encoder("tiny", TINY, ["go", "to", "Oslo", "a", "red", "car"] * 2)
+    tagger = CRFTagger(encoder, tokenizer, ["O", "B-LOC", "I-LOC"], max_length=9)
+    (alone,), _ = tagger.encode([["go", "to", "Oslo"]])
+    (with_caption, cut), _ = tagger.encode([["go", "to", "Oslo"]] * 2, [["a", "red", "car"], ["a", "red", "car"] * 3])
+    pieces = tokenizer.convert_ids_to_tokens(with_caption.input_ids)
+    assert pieces == ["[CLS]", "go", "to", "Oslo", "[SEP]", "a", "red", "car", "[SEP]"]
+    assert (with_caption.word_pos, with_caption.word_idx) == (alone.word_pos, alone.word_idx)
+    assert with_caption.tweet_len == 5 and alone.tweet_len == 5
+    assert len(cut.input_ids) == 9 and cut.input_ids[-1] == tokenizer.sep_token_id  # cut to max_length
+    none, _ = tagger.encode([["go", "to", "Oslo"]], [None])
+    assert none[0] == alone
+    batch = tagger.collate([with_caption, alone])
+    assert batch["context_mask"].tolist() == [[False] * 5 + [True] * 4, [False] * 9]
+    assert batch["word_mask"].sum().item() == 6  # the caption's words are read, not tagged
+
+
 def test_truncated_and_empty_words_are_counted_and_tagged_o(caplog):
     tagger = untrained_tagger(max_length=8)  # [CLS] + 6 subwords + [SEP]
     tweets = [["Obama", "visited", "Paris"], ["Obama", "\x07", "visited"] + ["Paris"] * 7]

@@ -27,7 +27,10 @@ STAGES = {
     "features": ("gmner.features", "Embed images, regions, generated images and text into data/features/."),
     "train": ("gmner.train_tagger", "Train the transformer + CRF text tagger into models/tagger."),
     "train_index": ("gmner.train_index", "Train the BART index-generation model (H-Index style) into models/index."),
-    "train_grounded": ("gmner.train_grounded", "Train the CRF tagger with a region-grounding head into models/grounded."),
+    "train_grounded": ("gmner.train_grounded", "Train the CRF tagger with a grounding head into models/grounded."),
+    "pretrain": ("gmner.pretrain", "Pre-train the text encoder and region connector (DLRAM, VTC): models/pretrain."),
+    "train_vsgn": ("gmner.train_vsgn", "Train the VSGN MNER model (subword / patch graphs, CIR) into models/vsgn."),
+    "train_bga": ("gmner.train_bga", "Train BGA-MNER (generative alignment, text-only inference) into models/bga."),
 }
 
 
@@ -69,6 +72,52 @@ def predict(
     from gmner.jsonl_predict import predict_jsonl
 
     predict_jsonl(model_dir, input_path, output_path, device=device, draw_dir=draw)
+
+
+@app.command(help="Ablation tables in Markdown (mean ± std over seeds) from `dvc exp show --json` output.")
+def ablations(
+    input_path: Optional[str] = typer.Argument(
+        None, metavar="[INPUT]", help="the JSON of `dvc exp show --json`; - reads stdin; none: runs it here"
+    ),
+    tables: Optional[list[str]] = typer.Option(
+        None, "--table", "-t",
+        help="table to build (repeatable); default: the --spec file's, else dlram, vtc, grounding",
+    ),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="YAML of tables adding to or replacing the built-in ones"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the Markdown here instead of stdout"),
+) -> None:
+    from gmner.ablations import write_ablations
+
+    write_ablations(input_path, tables, spec, out)
+
+
+@app.command(
+    "exp-run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="`dvc exp run` with every param a config file sets (e.g. configs/twitter2017.yaml) as -S overrides; "
+    "further arguments go to dvc as they are (stage names, --queue, -S ...).",
+)
+def exp_run(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="YAML of params.yaml keys and their values"),
+    params: Path = ParamsOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc command instead of running it"),
+) -> None:
+    import shlex
+    import subprocess
+    import sys
+
+    from gmner.params import config_overrides
+
+    try:
+        overrides = config_overrides(config, params)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    command = [sys.executable, "-m", "dvc", "exp", "run", *(a for o in overrides for a in ("-S", o)), *ctx.args]
+    if dry_run:
+        typer.echo(shlex.join(["dvc", *command[3:]]))
+        return
+    raise SystemExit(subprocess.call(command))
 
 
 def main() -> None:

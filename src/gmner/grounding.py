@@ -14,9 +14,9 @@ Choices are indexed with "none" first: option 0 is "none", option ``k + 1`` is c
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,16 +26,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmner.boxes import iou_matrix
+from gmner.connector import ConnectorConfig, SharedPrivateConnector
 from gmner.errors import DataError
 
 NONE = 0  # option index of "no region"
 GEOMETRY = ("x1/W", "y1/H", "x2/W", "y2/H", "area")  # per-candidate box features, in this order
-# Where the pipeline writes what a VisualStore reads (relative to the working directory of the stages).
+# Where the pipeline writes what a VisualStore reads (relative to the working directory of the stages): the
+# first three always, the rest only for the EXTRAS a model asks for.
 DEFAULT_PATHS = {
     "regions": "data/regions.parquet",
     "region_features": "data/features/regions.parquet",
     "image_features": "data/features/images.parquet",
+    "captions": "data/captions.parquet",
+    "synthesized": "data/synthesized.parquet",
+    "generated_features": "data/features/generated.parquet",
+    "text_features": "data/features/text.parquet",
 }
+REQUIRED = ("regions", "region_features", "image_features")
+# Optional inputs -> the tables they read: BLIP captions, ViT / CLIP patch tokens of the image, the
+# synthesize stage's generated images (tweet and entity images) with its relevance flag, CLIP text embeddings.
+EXTRAS = {
+    "captions": ("captions",),
+    "patches": (),  # a column of image_features
+    "generated": ("synthesized", "generated_features"),
+    "text": ("text_features",),
+}
+
+
+def switched_extras(**switches: bool) -> tuple[str, ...]:
+    """The EXTRAS whose switch is on, e.g. ``switched_extras(captions=True, generated=False)``."""
+    unknown = set(switches) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"unknown visual extras {sorted(unknown)}; known: {sorted(EXTRAS)}")
+    return tuple(sorted(name for name, on in switches.items() if on))
 
 
 def geometry(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
@@ -78,13 +101,20 @@ def grounding_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> tor
 
 @dataclass(frozen=True)
 class ImageVisual:
-    """One tweet's visual inputs. ``embeddings`` / ``image`` are None when those features are unavailable."""
+    """One tweet's visual inputs. Every array is None when unavailable (or not asked for): never zeros."""
 
     boxes: np.ndarray  # (k, 4) float32 xyxy pixels, best first; k may be 0
     embeddings: np.ndarray | None  # (k, d)
     image: np.ndarray | None  # (d,)
     width: float = 1.0
     height: float = 1.0
+    # Extras (see EXTRAS), per tweet:
+    caption: tuple[str, ...] | None = None  # the image's caption, split into words
+    patches: np.ndarray | None = None  # (p, w) the image's patch tokens
+    generated: np.ndarray | None = None  # (d,) the image generated from the tweet
+    relevant: bool | None = None  # the synthesize stage's verdict on the original image; None: no verdict
+    entity_images: dict | None = None  # (start, end) of an entity -> (d,) the image generated for it
+    text: np.ndarray | None = None  # (d,) the CLIP embedding of the tweet's words
 
     @property
     def valid(self) -> np.ndarray:
@@ -95,37 +125,59 @@ class ImageVisual:
 NO_IMAGE = ImageVisual(np.zeros((0, 4), np.float32), None, None)
 
 
-def collate_visual(items: Sequence[ImageVisual], dim: int, device: torch.device | str = "cpu") -> dict:
+def collate_visual(
+    items: Sequence[ImageVisual], dim: int, device: torch.device | str = "cpu", patch_dim: int | None = None
+) -> dict:
     """Pad a batch of ``ImageVisual`` to its largest candidate count K (possibly 0).
 
     ``region_features`` (B, K, dim), ``region_geometry`` (B, K, 5), ``region_rank`` (B, K) and
     ``image_features`` (B, dim) hold zeros wherever ``region_mask`` (B, K) / ``image_mask`` (B) is False:
-    padding, missing features, or no image. Masks are True for real, usable inputs.
+    padding, missing features, or no image. Masks are True for real, usable inputs. The extras come the same
+    way: ``generated_features`` / ``text_features`` (B, dim) with their masks, ``relevant`` (B) with
+    ``relevant_mask`` (a verdict exists), and with ``patch_dim``, ``patch_tokens`` (B, P, patch_dim) with
+    ``patch_mask`` (B, P).
     """
     n, k = len(items), max((len(v.boxes) for v in items), default=0)
     features = torch.zeros((n, k, dim))
     geom = torch.zeros((n, k, len(GEOMETRY)))
     mask = torch.zeros((n, k), dtype=torch.bool)
-    image = torch.zeros((n, dim))
-    image_mask = torch.zeros(n, dtype=torch.bool)
     for b, v in enumerate(items):
         m = len(v.boxes)
         if v.embeddings is not None and m:
             features[b, :m] = torch.from_numpy(np.asarray(v.embeddings, dtype=np.float32))
             geom[b, :m] = torch.from_numpy(geometry(v.boxes, v.width, v.height))
             mask[b, :m] = True
-        if v.image is not None:
-            image[b] = torch.from_numpy(np.asarray(v.image, dtype=np.float32))
-            image_mask[b] = True
     batch = {
         "region_features": features,
         "region_geometry": geom,
         "region_rank": torch.arange(k).expand(n, k),
         "region_mask": mask,
-        "image_features": image,
-        "image_mask": image_mask,
+        "relevant": torch.tensor([bool(v.relevant) for v in items], dtype=torch.bool),
+        "relevant_mask": torch.tensor([v.relevant is not None for v in items], dtype=torch.bool),
     }
+    for name, field in (("image", "image"), ("generated", "generated"), ("text", "text")):
+        batch[f"{name}_features"], batch[f"{name}_mask"] = _stack([getattr(v, field) for v in items], (dim,))
+    if patch_dim is not None:
+        p = max((len(v.patches) for v in items if v.patches is not None), default=0)
+        patches = torch.zeros((n, p, patch_dim))
+        patch_mask = torch.zeros((n, p), dtype=torch.bool)
+        for b, v in enumerate(items):
+            if v.patches is not None:
+                patches[b, : len(v.patches)] = torch.from_numpy(np.asarray(v.patches, dtype=np.float32))
+                patch_mask[b, : len(v.patches)] = True
+        batch["patch_tokens"], batch["patch_mask"] = patches, patch_mask
     return {key: value.to(device) for key, value in batch.items()}
+
+
+def _stack(vectors: Sequence[np.ndarray | None], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, *shape) with zeros where a vector is None, and the (B,) mask of the present ones."""
+    out = torch.zeros((len(vectors), *shape))
+    mask = torch.zeros(len(vectors), dtype=torch.bool)
+    for b, vector in enumerate(vectors):
+        if vector is not None:
+            out[b] = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+            mask[b] = True
+    return out, mask
 
 
 def feature_statistics(items: Sequence[ImageVisual], dim: int) -> dict[str, np.ndarray]:
@@ -146,41 +198,88 @@ def feature_statistics(items: Sequence[ImageVisual], dim: int) -> dict[str, np.n
     return {key: value.astype(np.float32) for key, value in out.items()}
 
 
-class VisualProjection(nn.Module):
-    """Region and whole-image inputs of a grounded model, projected to its width ``dim``.
+class FeatureStandardiser(nn.Module):
+    """Per-dimension standardisation of region and whole-image embeddings with the training statistics
+    (:func:`feature_statistics`), kept as buffers so they are saved with the model. A generated image is
+    embedded by the same encoder as the original, so it shares the image statistics."""
 
-    Embeddings are standardised per dimension with the training statistics (:func:`feature_statistics`,
-    kept as buffers so they are saved with the model); a candidate adds its box geometry and its rank.
-    """
-
-    def __init__(self, visual_dim: int, top_k: int, dim: int):
+    def __init__(self, visual_dim: int):
         super().__init__()
         for name in ("region", "image"):
             self.register_buffer(f"{name}_mean", torch.zeros(visual_dim))
             self.register_buffer(f"{name}_std", torch.ones(visual_dim))
-        self.region = nn.Linear(visual_dim, dim)
-        self.geometry = nn.Linear(len(GEOMETRY), dim)
-        self.rank = nn.Embedding(top_k, dim)
-        self.image = nn.Linear(visual_dim, dim)
 
     def set_feature_statistics(self, stats: dict[str, np.ndarray]) -> None:
         for name, value in stats.items():
             getattr(self, name).copy_(torch.from_numpy(value))
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, dim) image inputs and (B, K, dim) candidate inputs of a :func:`collate_visual` batch."""
-        regions = self.region((batch["region_features"] - self.region_mean) / self.region_std)
-        regions = regions + self.geometry(batch["region_geometry"]) + self.rank(batch["region_rank"])
-        image = self.image((batch["image_features"] - self.image_mean) / self.image_std)
-        return image, regions
+    def standardise(self, features: torch.Tensor, kind: str) -> torch.Tensor:
+        """``features`` (..., visual_dim) of ``kind`` "region" or "image" (original or generated)."""
+        return (features - getattr(self, f"{kind}_mean")) / getattr(self, f"{kind}_std")
+
+
+class VisualInputs(NamedTuple):
+    image: torch.Tensor  # (B, dim)
+    generated: torch.Tensor  # (B, dim)
+    regions: torch.Tensor  # (B, K, dim)
+    balance: torch.Tensor  # the connector's load-balancing term; 0 without connector (or without its MoE)
+
+
+class VisualProjection(FeatureStandardiser):
+    """Region and whole-image inputs of a grounded model, projected to its width ``dim``.
+
+    Embeddings are standardised per dimension (:class:`FeatureStandardiser`); a candidate adds its box
+    geometry and its rank. With ``connector`` (gmner.connector, e.g. pre-trained by the pretrain stage) the
+    standardised candidates first pass through VTC's shared-private connector into its text space.
+    """
+
+    def __init__(self, visual_dim: int, top_k: int, dim: int, connector: ConnectorConfig | None = None):
+        super().__init__(visual_dim)
+        if connector is not None and connector.visual_dim != visual_dim:
+            raise ValueError(f"connector reads features of size {connector.visual_dim}, not {visual_dim}")
+        self.connector = None if connector is None else SharedPrivateConnector(connector)
+        self.region = nn.Linear(visual_dim if connector is None else connector.text_dim, dim)
+        self.geometry = nn.Linear(len(GEOMETRY), dim)
+        self.rank = nn.Embedding(top_k, dim)
+        self.image = nn.Linear(visual_dim, dim)
+        self.generated = nn.Linear(visual_dim, dim)
+
+    def project(self, batch: dict) -> VisualInputs:
+        """The image, generated-image and candidate inputs of a :func:`collate_visual` batch, and the
+        connector's balance term. The generated image's own projection tells it apart from the original."""
+        regions = self.standardise(batch["region_features"], "region")
+        balance = regions.new_zeros(())
+        if self.connector is not None:
+            regions, balance, _ = self.connector(regions, batch["region_geometry"], batch["region_mask"])
+        regions = self.region(regions) + self.geometry(batch["region_geometry"]) + self.rank(batch["region_rank"])
+        image = self.image(self.standardise(batch["image_features"], "image"))
+        generated = self.generated(self.standardise(batch["generated_features"], "image"))
+        return VisualInputs(image, generated, regions, balance)
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, dim) image inputs, (B, dim) generated-image inputs and (B, K, dim) candidate inputs."""
+        return self.project(batch)[:3]
 
 
 class VisualStore:
-    """Candidates and features by image_sha256, from the regions and features tables, cut to ``top_k``."""
+    """Candidates and features by image_sha256, from the regions and features tables, cut to ``top_k``; and
+    the ``extras`` asked for (see ``EXTRAS``), from the tables ``extra_tables`` holds by DEFAULT_PATHS key."""
 
-    def __init__(self, regions: pa.Table, region_features: pa.Table, image_features: pa.Table, top_k: int):
+    def __init__(
+        self,
+        regions: pa.Table,
+        region_features: pa.Table,
+        image_features: pa.Table,
+        top_k: int,
+        extras: Sequence[str] = (),
+        extra_tables: Mapping[str, pa.Table] | None = None,
+    ):
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        unknown = set(extras) - set(EXTRAS)
+        if unknown:
+            raise ValueError(f"unknown visual extras {sorted(unknown)}; known: {sorted(EXTRAS)}")
+        self.extras = tuple(sorted(extras))
         self.top_k = top_k
         self.regions = regions  # what predicted region indices point into, for the evaluator
         self.boxes = {
@@ -192,17 +291,52 @@ class VisualStore:
         self.dim = _dimension(image_features, "embedding") or _dimension(region_features, "embeddings")
         if self.dim is None:
             raise DataError("image features", "no embedding column type gives the feature size")
+        self._read_extras(image_features, dict(extra_tables or {}))
+
+    def _read_extras(self, image_features: pa.Table, tables: dict[str, pa.Table]) -> None:
+        missing = {key for extra in self.extras for key in EXTRAS[extra]} - set(tables)
+        if missing:
+            raise ValueError(f"visual extras {list(self.extras)} need the tables {sorted(missing)}")
+        self.patch_dim = None
+        if "patches" in self.extras:
+            if "patch_tokens" not in image_features.column_names:
+                raise DataError("image features", "no patch_tokens column; run the features stage with patch_tokens")
+            self.patches = _unique_rows(image_features, "patch_tokens", "image features")
+            self.patch_dim = image_features.schema.field("patch_tokens").type.value_type.list_size
+        if "captions" in self.extras:
+            captions = tables["captions"]
+            self.captions = {
+                sha: None if text is None else tuple(text.split())
+                for sha, text in zip(*(captions.column(c).to_pylist() for c in ("image_sha256", "caption")))
+            }
+        if "generated" in self.extras:
+            generated = _unique_rows(tables["generated_features"], "embedding", "generated image features")
+            self.generated = {}
+            for row in tables["synthesized"].select(["tweet_id", "split", "image_sha256", "relevant", "entities"]
+                                                   ).to_pylist():
+                entities = {(e["start"], e["end"]): generated.get(e["image_sha256"]) for e in row["entities"]}
+                self.generated[(row["tweet_id"], row["split"])] = (
+                    generated.get(row["image_sha256"]), row["relevant"],
+                    {span: emb for span, emb in entities.items() if emb is not None},
+                )
+        if "text" in self.extras:
+            text = tables["text_features"]
+            keys = zip(text.column("tweet_id").to_pylist(), text.column("split").to_pylist())
+            vectors = _rows(text.column("embedding").combine_chunks())
+            self.text = {key: vectors[i] for i, key in enumerate(keys)}
 
     @classmethod
-    def read(cls, paths: Mapping[str, str | Path], top_k: int) -> "VisualStore":
-        """Read the tables named in ``paths`` (keys as in ``DEFAULT_PATHS``)."""
+    def read(cls, paths: Mapping[str, str | Path], top_k: int, extras: Sequence[str] = ()) -> "VisualStore":
+        """Read the tables named in ``paths`` (keys as in ``DEFAULT_PATHS``) that ``extras`` need."""
+        needed = [*REQUIRED, *(key for extra in extras for key in EXTRAS.get(extra, ()))]
         tables = {}
-        for key in DEFAULT_PATHS:
-            path = Path(paths[key])
+        for key in needed:
+            path = Path(paths.get(key, DEFAULT_PATHS[key]))
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: {key} table not found; run the detect and features stages")
+                raise FileNotFoundError(f"{path}: {key} table not found; run the stage that writes it")
             tables[key] = pq.read_table(path)
-        return cls(tables["regions"], tables["region_features"], tables["image_features"], top_k)
+        required = [tables.pop(key) for key in REQUIRED]
+        return cls(*required, top_k, extras=extras, extra_tables=tables)
 
     def candidates(self, sha: str) -> np.ndarray:
         """The image's first ``top_k`` candidate boxes: what a predicted region index points into."""
@@ -241,10 +375,32 @@ class VisualStore:
         return ImageVisual(boxes[: self.top_k], embeddings, image, width, height)
 
     def lookup_table(self, tweets: pa.Table) -> tuple[list[ImageVisual], Counter]:
-        """``lookup`` for every row of a prepared table (image_sha256, width, height), with the counts."""
+        """``lookup`` (plus the extras) for every row of a prepared table, with the counts."""
         counts: Counter = Counter()
-        rows = tweets.select(["image_sha256", "width", "height"]).to_pylist()
-        return [self.lookup(r["image_sha256"], r["width"], r["height"], counts) for r in rows], counts
+        columns = ["image_sha256", "width", "height"] + [c for c in ("tweet_id", "split") if c in tweets.column_names]
+        out = []
+        for r in tweets.select(columns).to_pylist():
+            visual = self.lookup(r["image_sha256"], r["width"], r["height"], counts)
+            out.append(self.with_extras(visual, r["image_sha256"], (r.get("tweet_id"), r.get("split")), counts))
+        return out, counts
+
+    def with_extras(self, visual: ImageVisual, sha: str | None, tweet: tuple, counts: Counter) -> ImageVisual:
+        """``visual`` with the extras of image ``sha`` and tweet (tweet_id, split); missing ones counted."""
+        found = {}
+        if "captions" in self.extras and sha is not None:
+            found["caption"] = self.captions.get(sha)
+            counts["caption_missing"] += found["caption"] is None
+        if "patches" in self.extras and sha is not None:
+            found["patches"] = self.patches.get(sha)
+            counts["patches_missing"] += found["patches"] is None
+        if "generated" in self.extras:
+            generated, relevant, entities = self.generated.get(tweet, (None, None, {}))
+            found.update(generated=generated, relevant=relevant, entity_images=entities)
+            counts["generated_missing"] += generated is None
+        if "text" in self.extras:
+            found["text"] = self.text.get(tweet)
+            counts["text_feature_missing"] += found["text"] is None
+        return replace(visual, **found) if found else visual
 
 
 def _unique_rows(table: pa.Table, column: str, what: str) -> dict[str, np.ndarray | None]:
@@ -268,10 +424,14 @@ def _unique_rows(table: pa.Table, column: str, what: str) -> dict[str, np.ndarra
 
 
 def _rows(array: pa.FixedSizeListArray) -> np.ndarray:
-    """(len, size) float32 of a fixed-size list array, null rows included (``flatten`` would drop them)."""
-    size = array.type.list_size
-    values = array.values.slice(array.offset * size, len(array) * size)
-    return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(array), size)
+    """(len, size[, size2 ...]) float32 of a (nested) fixed-size list array, null rows included (``flatten``
+    would drop them)."""
+    shape, values, start, count = [len(array)], array, array.offset, len(array)
+    while pa.types.is_fixed_size_list(values.type):
+        size = values.type.list_size
+        shape.append(size)
+        values, start, count = values.values, (values.offset + start) * size, count * size
+    return values.slice(start, count).to_numpy(zero_copy_only=False).astype(np.float32).reshape(shape)
 
 
 def _dimension(table: pa.Table, column: str) -> int | None:

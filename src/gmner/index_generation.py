@@ -1,9 +1,10 @@
 """The H-Index-style index-generation model: a BART encoder-decoder that writes each entity as pointers.
 
-Encoder input, per tweet: its subword embeddings, then the projected whole-image feature, then its top-K
+Encoder input, per tweet: its subword embeddings (with ``captions``, the image's caption after the tweet),
+then the projected whole-image feature, the feature of the image generated from the tweet, then its top-K
 detector candidates (standardised embedding + box geometry + rank, see gmner.grounding). Each tweet's visual
 slots follow its OWN text, so their learned positions do not depend on how the batch is padded; the image
-slot precedes the candidates for the same reason. The attention mask is 0 for padding and for every missing
+slots precede the candidates for the same reason. The attention mask is 0 for padding and for every missing
 input (no image, null features, padded candidates, switched-off inputs): nothing absent is read as a zero
 vector.
 
@@ -28,15 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmner.grounded_tagger import GroundedModel, GroundedPredictor
-from gmner.grounding import (
-    NONE,
-    ImageVisual,
-    VisualProjection,
-    VisualStore,
-    collate_visual,
-    grounding_loss,
-)
+from gmner.grounded_tagger import GroundedModel
+from gmner.grounding import NONE, ImageVisual, VisualProjection, grounding_loss, switched_extras
 from gmner.pointer_decoding import (
     BOS,
     EOS,
@@ -53,8 +47,9 @@ from gmner.pointer_decoding import (
     max_steps,
     parse_sequence,
 )
-from gmner.tagger import CRFTagger, EncodedTweet, WordTagger, length_batches
+from gmner.tagger import CRFTagger, EncodedTweet, WordTagger, length_batches, predicting
 from gmner.text_encoder import DEFAULT_TINY_VOCAB, TINY, build_wordpiece_tokenizer, load_text_encoder
+from gmner.visual_tagger import VisualPredictor, load_visual_predictor
 
 
 @dataclass(frozen=True)
@@ -68,6 +63,12 @@ class IndexConfig:
     region_weight: float = 1.0  # of the region-pointer loss beside the sequence loss
     max_entities: int = 10  # per tweet, in training targets and decoding
     beam_size: int = 1  # 1: greedy decoding
+    captions: bool = False  # the image's caption is appended to the text input
+    generated_image: bool = False  # the image generated from the tweet has an encoder slot
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        return switched_extras(captions=self.captions, generated=self.generated_image)
 
     def __post_init__(self):
         if self.region_loss not in ("kl", "ce"):
@@ -103,7 +104,7 @@ class IndexGenerator(GroundedModel, WordTagger):
     ``fit`` trains all of it at the encoder learning rate and everything added here at ``head_lr``."""
 
     kind = "index_generation"
-    grounding_config = IndexConfig
+    visual_config = IndexConfig
 
     def __init__(
         self,
@@ -113,20 +114,20 @@ class IndexGenerator(GroundedModel, WordTagger):
         max_length: int = 128,
         dropout: float = 0.1,
         *,
-        grounding: IndexConfig,
+        visual: IndexConfig,
         visual_paths: dict | None = None,
     ):
-        super().__init__(encoder, tokenizer, labels, max_length)
+        WordTagger.__init__(self, encoder, tokenizer, labels, max_length)  # not VisualModel's: no CRF here
         limit = encoder.config.max_position_embeddings
-        if max_length + 1 + grounding.top_k > limit:
-            raise ValueError(f"max_length {max_length} + 1 + top_k {grounding.top_k} exceeds {limit} positions")
-        steps = max_steps(grounding.max_entities)
+        if max_length + 2 + visual.top_k > limit:
+            raise ValueError(f"max_length {max_length} + 2 + top_k {visual.top_k} exceeds {limit} positions")
+        steps = max_steps(visual.max_entities)
         if steps > limit:
-            raise ValueError(f"max_entities {grounding.max_entities} needs {steps} decoder steps; {limit} positions")
+            raise ValueError(f"max_entities {visual.max_entities} needs {steps} decoder steps; {limit} positions")
         self.dropout_p = dropout
-        self.init_grounding(grounding, visual_paths)  # as GroundedTagger's, so GroundedPredictor serves it too
+        self.init_visual(visual, visual_paths)
         d = encoder.config.d_model
-        self.visual = VisualProjection(grounding.visual_dim, grounding.top_k, d)
+        self.visual_projection = VisualProjection(visual.visual_dim, visual.top_k, d)
         self.n_vocab = FIRST_TYPE + len(self.types)  # EOS, NONE, types
         self.symbol = nn.Embedding(self.n_vocab + 1, d)  # + BOS, an input only
         self.vocab = nn.Linear(d, self.n_vocab)
@@ -138,33 +139,29 @@ class IndexGenerator(GroundedModel, WordTagger):
 
     # --- batches -------------------------------------------------------------------------------------------
 
-    def collate_inputs(self, encoded: Sequence[EncodedTweet], visuals: Sequence[ImageVisual]) -> dict:
-        """Text (WordTagger.collate), visual inputs (collate_visual) and each tweet's encoded word count."""
-        batch = self.collate(encoded)
-        batch.update(collate_visual(visuals, self.grounding.visual_dim, self.device))
-        batch["n_words"] = torch.tensor([len(e.word_pos) for e in encoded], device=self.device)
-        return batch
-
     def encoder_inputs(self, batch: dict) -> dict:
-        """``embeds`` (B, T, d) and ``mask`` (B, T) of the encoder, with ``image_slot`` (B,) and
-        ``region_slots`` (B, K): where each tweet's visual inputs sit, right after its own text."""
+        """``embeds`` (B, T, d) and ``mask`` (B, T) of the encoder, with ``region_slots`` (B, K): where each
+        tweet's candidates sit, after its own text (caption included), its image and its generated image."""
         embed = self.encoder.get_encoder().embed_tokens
         text_mask = batch["attention_mask"].bool()
         n, length = text_mask.shape
         k = batch["region_mask"].shape[1]
         text_len = text_mask.sum(dim=1)
-        slots = text_len[:, None] + torch.arange(1 + k, device=self.device)  # image, then candidates
-        image, regions = self.visual(batch)
-        image_valid = batch["image_mask"] & self.grounding.global_feature
-        visual_mask = torch.cat([image_valid[:, None], batch["region_mask"] & self.grounding.regions], dim=1)
-        embeds = torch.zeros((n, length + 1 + k, embed.embedding_dim), device=self.device)
+        slots = text_len[:, None] + torch.arange(2 + k, device=self.device)  # image, generated, candidates
+        image, generated, regions = self.visual_projection(batch)
+        visual_mask = torch.cat([
+            (batch["image_mask"] & self.visual_cfg.global_feature)[:, None],
+            (batch["generated_mask"] & self.visual_cfg.generated_image)[:, None],
+            batch["region_mask"] & self.visual_cfg.regions,
+        ], dim=1)
+        embeds = torch.zeros((n, length + 2 + k, embed.embedding_dim), device=self.device)
         embeds[:, :length] = embed(batch["input_ids"]) * text_mask[..., None]
         rows = torch.arange(n, device=self.device)[:, None]
-        embeds[rows, slots] = torch.cat([image[:, None], regions], dim=1)
-        mask = torch.zeros((n, length + 1 + k), dtype=torch.bool, device=self.device)
+        embeds[rows, slots] = torch.cat([image[:, None], generated[:, None], regions], dim=1)
+        mask = torch.zeros((n, length + 2 + k), dtype=torch.bool, device=self.device)
         mask[:, :length] = text_mask
         mask[rows, slots] = visual_mask
-        return {"embeds": embeds, "mask": mask, "image_slot": slots[:, 0], "region_slots": slots[:, 1:]}
+        return {"embeds": embeds, "mask": mask, "region_slots": slots[:, 2:]}
 
     def encode_batch(self, batch: dict) -> dict:
         """Encoder states, the word and candidate states pointers score against, and their validity."""
@@ -180,7 +177,7 @@ class IndexGenerator(GroundedModel, WordTagger):
             "words": words,
             "word_valid": word_valid,
             "regions": memory[rows, inputs["region_slots"]],
-            "region_valid": batch["region_mask"] & self.grounding.regions,
+            "region_valid": batch["region_mask"] & self.visual_cfg.regions,
         }
 
     def layout(self, states: dict) -> Layout:
@@ -188,7 +185,7 @@ class IndexGenerator(GroundedModel, WordTagger):
 
     def constraints(self, states: dict) -> list[Constraints]:
         valid = states["region_valid"].cpu().numpy()
-        return [Constraints(int(n), valid[b], self.grounding.max_entities)
+        return [Constraints(int(n), valid[b], self.visual_cfg.max_entities)
                 for b, n in enumerate(states["word_valid"].sum(dim=1).tolist())]
 
     # --- decoder ----------------------------------------------------------------------------------------------
@@ -250,7 +247,7 @@ class IndexGenerator(GroundedModel, WordTagger):
             b, i = (torch.tensor(x, device=self.device) for x in zip(*region_steps))
             options = torch.cat([logits[b, i, NO_REGION : NO_REGION + 1], logits[b, i, layout.region0 :]], dim=-1)
             target = torch.from_numpy(np.stack(region_targets)).to(self.device)
-            loss = loss + self.grounding.region_weight * grounding_loss(options, target, self.grounding.region_loss)
+            loss = loss + self.visual_cfg.region_weight * grounding_loss(options, target, self.visual_cfg.region_loss)
         return loss
 
     def gold_entities(
@@ -270,13 +267,13 @@ class IndexGenerator(GroundedModel, WordTagger):
             best = int(np.argmax(target))
             region = None if best == NONE else best - 1
             kept.append((Entity(inside[0], inside[-1], self.type_index[etype], region), target))
-        counts["spans_beyond_max_entities"] += max(0, len(kept) - self.grounding.max_entities)
-        kept = kept[: self.grounding.max_entities]
+        counts["spans_beyond_max_entities"] += max(0, len(kept) - self.visual_cfg.max_entities)
+        kept = kept[: self.visual_cfg.max_entities]
         return [e for e, _ in kept], [t for _, t in kept]
 
     # --- prediction ---------------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @predicting
     def generate(self, batch: dict) -> tuple[list[list[Entity]], Layout]:
         """Constrained decoding (greedy, or beam search when ``beam_size`` > 1) of a collated batch."""
         states = self.encode_batch(batch)
@@ -286,10 +283,10 @@ class IndexGenerator(GroundedModel, WordTagger):
             inputs = torch.tensor([[BOS] + p for p in prefixes], dtype=torch.long, device=self.device)
             return self.symbol_logits(states, tweets.to(self.device), inputs)[:, -1]
 
-        if self.grounding.beam_size == 1:
+        if self.visual_cfg.beam_size == 1:
             seqs = greedy_decode(step, layout, rules)
         else:
-            seqs = beam_decode(step, layout, rules, self.grounding.beam_size)
+            seqs = beam_decode(step, layout, rules, self.visual_cfg.beam_size)
         return [parse_sequence(seq, layout) for seq in seqs], layout
 
     @torch.no_grad()
@@ -297,9 +294,7 @@ class IndexGenerator(GroundedModel, WordTagger):
         self, token_lists: Sequence[Sequence[str]], visuals: Sequence[ImageVisual], batch_size: int = 64
     ) -> list[list[dict]]:
         """Per tweet, schema.PREDICTED_ENTITY dicts with the chosen candidate (``region``, ``box``) or none."""
-        was_training = self.training
-        self.eval()
-        encoded, _ = self.encode(token_lists)
+        encoded, _ = self.encode(token_lists, self.contexts(visuals))
         out: list[list[dict]] = [[] for _ in encoded]
         for chunk in length_batches(encoded, batch_size):
             entities, _ = self.generate(self.collate_inputs([encoded[i] for i in chunk], [visuals[i] for i in chunk]))
@@ -309,11 +304,8 @@ class IndexGenerator(GroundedModel, WordTagger):
                     box = None if e.region is None else visuals[i].boxes[e.region].tolist()
                     out[i].append({"start": words[e.start], "end": words[e.end] + 1, "type": self.types[e.type],
                                    "region": e.region, "box": box})
-        self.train(was_training)
         return out
 
 
-def load_predictor(model_dir, device: torch.device) -> GroundedPredictor:
-    """The predictor of a saved index-generation model, reading the tables its ``visual_paths`` name."""
-    model = IndexGenerator.load(model_dir, device)
-    return GroundedPredictor(model, VisualStore.read(model.visual_paths, model.grounding.top_k))
+def load_predictor(model_dir, device: torch.device) -> VisualPredictor:
+    return load_visual_predictor(IndexGenerator, model_dir, device)

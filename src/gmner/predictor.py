@@ -51,6 +51,8 @@ LOADERS = {CRFTagger.kind: _load_crf_tagger}
 LAZY_LOADERS = {
     "grounded_tagger": "gmner.grounded_tagger",
     "index_generation": "gmner.index_generation",
+    "bga": "gmner.bga",
+    "vsgn": "gmner.vsgn",
 }
 
 

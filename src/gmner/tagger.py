@@ -9,11 +9,13 @@ characters). The CRF runs over the words that do have one, in order, so its mask
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +47,11 @@ class EncodedTweet:
     word_pos: list[int]  # subword position of the first subword of each encoded word
     word_idx: list[int]  # which word of the tweet each encoded word is (increasing)
     n_words: int
+    text_len: int = -1  # subwords of the tweet part (specials included); the rest is appended context
+
+    @property
+    def tweet_len(self) -> int:
+        return len(self.input_ids) if self.text_len < 0 else self.text_len
 
 
 @dataclass
@@ -56,6 +63,29 @@ class Alignment:
 
     def as_dict(self) -> dict:
         return {"truncated_words": self.truncated_words, "empty_words": self.empty_words}
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode without gradients inside; the model's training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def predicting(method: Callable) -> Callable:
+    """A model method run under :func:`evaluating`."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with evaluating(self):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def length_batches(encoded: Sequence[EncodedTweet], batch_size: int) -> Iterator[list[int]]:
@@ -85,8 +115,14 @@ class WordTagger(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode(self, token_lists: Sequence[Sequence[str]]) -> tuple[list[EncodedTweet], Alignment]:
-        """Tokenize whole tweets once; record each word's first subword and count the words that have none."""
+    def encode(
+        self, token_lists: Sequence[Sequence[str]], contexts: Sequence[Sequence[str] | None] | None = None
+    ) -> tuple[list[EncodedTweet], Alignment]:
+        """Tokenize whole tweets once; record each word's first subword and count the words that have none.
+
+        ``contexts`` (e.g. image captions, one word list or None per tweet) are appended after the tweet as
+        ``context [SEP]`` in what room ``max_length`` leaves: they are read by the encoder, never tagged.
+        """
         enc = self.tokenizer(
             [list(tokens) for tokens in token_lists],
             is_split_into_words=True,
@@ -106,31 +142,50 @@ class WordTagger(nn.Module):
             stats.truncated_words += truncated
             stats.empty_words += len(tokens) - len(word_idx) - truncated
             out.append(EncodedTweet(enc["input_ids"][i], word_pos, word_idx, len(tokens)))
+        if contexts is not None:
+            out = [self._append_context(e, context) for e, context in zip(out, contexts)]
         if stats.truncated_words:
             log.warning("%d words beyond max_length=%d subwords get 'O'", stats.truncated_words, self.max_length)
         return out, stats
+
+    def _append_context(self, encoded: EncodedTweet, context: Sequence[str] | None) -> EncodedTweet:
+        room = self.max_length - len(encoded.input_ids) - 1
+        if not context or room < 1:
+            return encoded
+        ids = self.tokenizer(list(context), is_split_into_words=True, add_special_tokens=False)["input_ids"][:room]
+        if not ids:
+            return encoded
+        return replace(
+            encoded, input_ids=encoded.input_ids + ids + [self.tokenizer.sep_token_id],
+            text_len=len(encoded.input_ids),
+        )
 
     def label_ids(self, tags: Sequence[str]) -> list[int]:
         return [self.label_index[tag] for tag in tags]
 
     def collate(self, encoded: Sequence[EncodedTweet], label_ids: Sequence[Sequence[int]] | None = None) -> dict:
         """Pad a batch. Word tensors cover encoded words only; a tweet with none keeps one dummy ``O`` step
-        on [CLS] because the CRF needs every sequence to start unmasked."""
+        on [CLS] because the CRF needs every sequence to start unmasked. ``context_mask`` marks appended context."""
         n, seq_len = len(encoded), max(len(e.input_ids) for e in encoded)
         n_words = max(1, max(len(e.word_pos) for e in encoded))
         input_ids = torch.full((n, seq_len), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, seq_len), dtype=torch.long)
+        context_mask = torch.zeros((n, seq_len), dtype=torch.bool)
         word_pos = torch.zeros((n, n_words), dtype=torch.long)
         word_mask = torch.zeros((n, n_words), dtype=torch.bool)
         labels = torch.zeros((n, n_words), dtype=torch.long)
         for b, e in enumerate(encoded):
             input_ids[b, : len(e.input_ids)] = torch.tensor(e.input_ids)
             attention_mask[b, : len(e.input_ids)] = 1
+            context_mask[b, e.tweet_len : len(e.input_ids)] = True
             word_pos[b, : len(e.word_pos)] = torch.tensor(e.word_pos, dtype=torch.long)
             word_mask[b, : max(1, len(e.word_pos))] = True
             if label_ids is not None and e.word_idx:
                 labels[b, : len(e.word_idx)] = torch.tensor([label_ids[b][w] for w in e.word_idx])
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "word_pos": word_pos, "word_mask": word_mask}
+        batch = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "context_mask": context_mask,
+            "word_pos": word_pos, "word_mask": word_mask,
+        }
         if label_ids is not None:
             batch["labels"] = labels
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -148,18 +203,15 @@ class WordTagger(nn.Module):
         """Label ids per encoded word (a dummy step for tweets without any is dropped by the caller)."""
         raise NotImplementedError
 
-    @torch.no_grad()
+    @predicting
     def predict_tags(self, token_lists: Sequence[Sequence[str]], batch_size: int = 64) -> list[list[str]]:
         """BIO tags per word, in input order; words without a first subword get ``"O"``."""
-        was_training = self.training
-        self.eval()
         encoded, _ = self.encode(token_lists)
         tags: list[list[str]] = [[] for _ in encoded]
         for chunk in length_batches(encoded, batch_size):
             decoded = self.decode(self.collate([encoded[i] for i in chunk]))
             for i, ids in zip(chunk, decoded):
                 tags[i] = self.word_tags(encoded[i], ids)
-        self.train(was_training)
         return tags
 
     def word_tags(self, encoded: EncodedTweet, ids: Sequence[int]) -> list[str]:

@@ -1,59 +1,44 @@
 """The ``train_grounded`` stage: the CRF tagger of ``train`` plus a grounding head (gmner.grounded_tagger).
 
 Text model and optimiser settings come from the ``train`` params, the head's from ``train_grounded``. The
-head reads the detector candidates (data/regions.parquet) and their features (data/features/); the epoch
-is selected on dev GMNER F1 under the candidates protocol. Writes models/grounded/ (with
-train_summary.json, which also counts the tweets that could only get "none" and the gold spans left
-without a candidate target) and logs to dvclive/grounded, through the same ``fit`` as the text tagger.
+head reads the detector candidates (data/regions.parquet) and their features (data/features/), plus the
+captions and generated images when switched on; the epoch is selected on dev GMNER F1 under the candidates
+protocol. Writes models/grounded/ (with train_summary.json, which also counts the tweets that could only get
+"none" and the gold spans left without a candidate target) and logs to dvclive/grounded.
+
+``connector: true`` passes the candidates through VTC's shared-private connector, shaped by the ``pretrain``
+params; ``init: pretrain`` (or a checkpoint folder) starts the text encoder and that connector from the
+pretrain stage's checkpoint (models/pretrain), in the checkpoint's shape. So from scratch and pre-trained
+runs of one architecture differ only in ``init``.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from gmner.evaluation import score
-from gmner.grounded_tagger import GroundedPredictor, GroundedTagger, GroundingConfig
-from gmner.grounding import (
-    DEFAULT_PATHS,
-    NONE,
-    VisualStore,
-    collate_visual,
-    feature_statistics,
-)
-from gmner.params import resolve_device, seed_everything
-from gmner.train_tagger import (
-    DevScore,
-    TrainingSet,
-    build_crf_tagger,
-    read_train_dev,
-    train_and_save,
-)
+from gmner.grounded_tagger import GroundedModel, GroundedTagger, GroundingConfig
+from gmner.grounding import NONE, VisualStore
+from gmner.pretrain_checkpoint import PretrainCheckpoint, connector_settings, encoder_spec, read_checkpoint
+from gmner.train_tagger import build_crf_tagger
+from gmner.train_visual import VisualTrainingSet, train_stage
 
-log = logging.getLogger(__name__)
-
-HEAD_PARAMS = (
-    "top_k", "hidden", "heads", "regions", "global_feature", "span_words", "loss", "soft_label_threshold", "weight"
-)
+HEAD_PARAMS = tuple(field for field in GroundingConfig.__dataclass_fields__ if field not in ("visual_dim", "connector"))
+STAGE_PARAMS = ("init", "connector")  # where the model starts, and the connector switch (its settings: pretrain's)
 
 
-class GroundedTrainingSet(TrainingSet):
-    """``TrainingSet`` plus each tweet's visual inputs and its gold spans' grounding targets."""
+class GroundedTrainingSet(VisualTrainingSet):
+    """``VisualTrainingSet`` plus each tweet's gold spans and their grounding targets."""
 
-    def __init__(self, tagger: GroundedTagger, table: pa.Table, store: VisualStore):
-        super().__init__(tagger, table)
-        self.visuals, self.coverage = store.lookup_table(table)
+    def __init__(self, model: GroundedModel, table: pa.Table, store: VisualStore):
+        super().__init__(model, table, store)
         self.spans, self.targets, self.target_counts = [], [], Counter()
         for visual, entities in zip(self.visuals, table.column("entities").to_pylist()):
             self.spans.append([(e["start"], e["end"], e["type"]) for e in entities])
-            targets = [tagger.target(visual, np.asarray(e["boxes"], np.float32).reshape(-1, 4)) for e in entities]
+            targets = [model.target(visual, np.asarray(e["boxes"], np.float32).reshape(-1, 4)) for e in entities]
             self.targets.append(targets)
             for entity, target in zip(entities, targets):
                 grounded = bool(target[NONE] < 1)
@@ -61,12 +46,11 @@ class GroundedTrainingSet(TrainingSet):
                 self.target_counts["groundable"] += bool(entity["boxes"])
                 self.target_counts["candidate_target"] += grounded
                 self.target_counts["groundable_target_none"] += bool(entity["boxes"]) and not grounded
+        self.summary = {"train_targets": dict(self.target_counts)}
 
-    def batch(self, indices: Sequence[int]) -> dict:
+    def batch(self, indices) -> dict:
         batch = super().batch(indices)
-        tagger = self.tagger
-        batch.update(collate_visual([self.visuals[i] for i in indices], tagger.grounding.visual_dim, tagger.device))
-        spans, _ = tagger.span_batch(
+        spans, _ = self.tagger.span_batch(
             [self.encoded[i] for i in indices],
             [self.spans[i] for i in indices],
             [self.targets[i] for i in indices],
@@ -76,43 +60,49 @@ class GroundedTrainingSet(TrainingSet):
         return batch
 
 
-def grounding_config(cfg: dict, visual_dim: int) -> GroundingConfig:
-    """The head's config from the ``train_grounded`` params."""
-    unknown = set(cfg) - set(HEAD_PARAMS)
+def grounding_config(cfg: dict, visual_dim: int, connector: dict | None = None) -> GroundingConfig:
+    """The head's config from the ``train_grounded`` params (``init`` and the ``connector`` switch set
+    aside) and the connector settings, if any."""
+    unknown = set(cfg) - set(HEAD_PARAMS) - set(STAGE_PARAMS)
     if unknown:
-        raise ValueError(f"train_grounded: unknown params {sorted(unknown)}; known: {list(HEAD_PARAMS)}")
-    return GroundingConfig(visual_dim=visual_dim, **cfg)
+        raise ValueError(f"train_grounded: unknown params {sorted(unknown)}; known: {[*HEAD_PARAMS, *STAGE_PARAMS]}")
+    head = {key: value for key, value in cfg.items() if key in HEAD_PARAMS}
+    return GroundingConfig(visual_dim=visual_dim, connector=connector, **head)
 
 
-def gmner_dev_score(predictor: GroundedPredictor, dev: pa.Table, regions: pa.Table) -> DevScore:
-    def compute() -> float:
-        return score(dev, predictor.predict(dev), regions)["gmner"]["candidates"]["overall"]["f1"]
+def init_checkpoint(init: str | None, root: Path) -> PretrainCheckpoint | None:
+    """The checkpoint ``init`` names: none, ``pretrain`` (models/pretrain under ``root``) or a folder."""
+    if init in (None, "none"):
+        return None
+    path = Path("models/pretrain" if init == "pretrain" else init)
+    return read_checkpoint(path if path.is_absolute() else root / path)
 
-    return DevScore("gmner_f1", compute)
+
+def build_grounded(params: dict, root: Path, train: pa.Table, store: VisualStore) -> GroundedTagger:
+    """A fresh grounded tagger for ``params``: from the ``init`` checkpoint's encoder and connector if any."""
+    group, fit = params["train_grounded"], params["train"]
+    checkpoint = init_checkpoint(group.get("init"), root)
+    connector = None
+    if checkpoint is not None:
+        checkpoint.check_compatible(store.dim, encoder_spec(fit))
+        connector = checkpoint.config.connector
+        fit = dict(fit, encoder=str(checkpoint.encoder_dir))  # its tokenizer too: the same vocabulary
+    elif group.get("connector"):
+        connector = connector_settings(params.get("pretrain", {}).get("connector", {}))
+    model = build_crf_tagger(fit, train, GroundedTagger, visual=grounding_config(group, store.dim, connector))
+    if checkpoint is not None:
+        model.head.visual.connector.load_state_dict(checkpoint.connector_state())
+    return model
 
 
-def run_stage(params: dict, root: str | Path = ".") -> None:
-    """Train on data/prepared/{train,dev}.parquet under ``root``; write models/grounded and dvclive/grounded."""
+def run_stage(params: dict, root: str | Path = ".", name: str = "grounded") -> None:
+    """Train on data/prepared/{train,dev}.parquet under ``root``; write models/<name> and dvclive/<name>."""
     root = Path(root)
-    cfg, seed = params["train"], params["base"]["seed"]
-    train, dev = read_train_dev(root)
-    paths = {key: root / path for key, path in DEFAULT_PATHS.items()}
-    store = VisualStore.read(paths, params["train_grounded"]["top_k"])
+    group = params["train_grounded"]
+    extras = grounding_config(group, 1).extras
 
-    started = time.perf_counter()
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg["threads"])
-    seed_everything(seed)
-    head = grounding_config(params["train_grounded"], store.dim)
-    tagger = build_crf_tagger(cfg, train, GroundedTagger, grounding=head)
-    tagger = tagger.to(resolve_device(params["base"]["device"]))
-    data = GroundedTrainingSet(tagger, train, store)
-    tagger.head.visual.set_feature_statistics(feature_statistics(data.visuals, store.dim))
-    log.info("train: %s; targets: %s", dict(data.coverage), dict(data.target_counts))
-    summary = {
-        "train_visual": dict(data.coverage),
-        "train_targets": dict(data.target_counts),
-        "dev_visual": dict(store.lookup_table(dev)[1]),
-    }
-    dev_score = gmner_dev_score(GroundedPredictor(tagger, store), dev, store.regions)
-    train_and_save(tagger, data, dev, cfg, seed, root, "grounded", started, dev_score, summary)
+    def build(train: pa.Table, store: VisualStore) -> GroundedTagger:
+        return build_grounded(params, root, train, store)
+
+    train_stage(params, root, name, params["train"], build,
+                lambda paths: VisualStore.read(paths, group["top_k"], extras), "gmner", GroundedTrainingSet)

@@ -70,9 +70,9 @@ def param_groups(model: nn.Module, encoder: nn.Module, lr: float, head_lr: float
 class TrainingSet:
     """A split encoded once, with its label ids; ``batch`` collates any subset of it for ``tagger.loss``."""
 
-    def __init__(self, tagger: WordTagger, table: pa.Table):
+    def __init__(self, tagger: WordTagger, table: pa.Table, contexts: Sequence | None = None):
         self.tagger = tagger
-        self.encoded, self.alignment = tagger.encode(table.column("tokens").to_pylist())
+        self.encoded, self.alignment = tagger.encode(table.column("tokens").to_pylist(), contexts)
         self.labels = [tagger.label_ids(tags) for tags in table.column("tags").to_pylist()]
 
     def __len__(self) -> int:

@@ -1,0 +1,267 @@
+"""BGA-MNER: text-only inference, the generation losses and their masks, the stage-refined context sampler,
+save / load without visual tables, and the train_bga stage end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gmner import predictor, schema
+from gmner.bga import TERMS, BGAConfig, BGATagger, ContextSampler, load_predictor, matched
+from gmner.grounding import DEFAULT_PATHS, NO_IMAGE, ImageVisual, VisualStore
+from gmner.jsonl_predict import predict_jsonl
+from gmner.params import seed_everything
+from gmner.tagger import CRFTagger
+from gmner.train_bga import BGATrainingSet, bga_config, run_stage
+from gmner.train_tagger import build_crf_tagger, fit
+from gmner.visual_tagger import VisualPredictor
+
+DIM, K = 4, 3
+CFG = {
+    "encoder": "tiny",
+    "tiny": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+    "max_length": 32, "dropout": 0.0, "epochs": 2, "batch_size": 4, "lr": 1e-3, "head_lr": 1e-2,
+    "weight_decay": 0.01, "warmup_ratio": 0.1, "max_grad_norm": 1.0,
+}
+FIRST = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn"]
+PLACES = ["Oslo", "Rome", "Lima", "Kiev"]
+
+
+def _tiny_dataset(n: int = 8, split: str = "train", images: bool = True) -> tuple[pa.Table, dict[str, pa.Table]]:
+    """Tweets naming a PER and a LOC; tweet 0 has no image, the image of tweet 1 has null features, tweet 3 no
+    CLIP text embedding. Returns the tweets and the feature tables by DEFAULT_PATHS key."""
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    tweets, regions, region_features, image_features, text = [], [], [], [], []
+    boxes = [[0, 0, 10, 10], [20, 0, 30, 10], [0, 20, 10, 30]]
+    for i in range(n):
+        sha = f"{split}{i}" if images and i else None
+        tokens = ["RT", FIRST[i % 6], "Lee", "visits", PLACES[i % 4]]
+        tweets.append({
+            "tweet_id": str(i), "split": split, "source": "t", "image_id": str(i), "image_path": f"{i}.jpg",
+            "image_sha256": sha, "width": 40 if sha else None, "height": 40 if sha else None,
+            "tokens": tokens, "tags": ["O", "B-PER", "I-PER", "O", "B-LOC"],
+            "entities": [{"start": 1, "end": 3, "type": "PER", "text": " ".join(tokens[1:3]), "boxes": [boxes[0]]},
+                         {"start": 4, "end": 5, "type": "LOC", "text": tokens[4], "boxes": []}],
+        })
+        if i != 3:
+            text.append({"tweet_id": str(i), "split": split, "embedding": rng.normal(size=DIM).tolist()})
+        if sha:
+            null = i == 1
+            regions.append({"image_sha256": sha, "boxes": boxes, "scores": [0.9, 0.5, 0.1], "labels": ["o"] * K})
+            region_features.append({"image_sha256": sha, "skip_reason": "corrupt_image" if null else None,
+                                    "embeddings": None if null else rng.normal(size=(K, DIM)).tolist()})
+            image_features.append({"image_sha256": sha, "skip_reason": "corrupt_image" if null else None,
+                                   "embedding": None if null else rng.normal(size=DIM).tolist()})
+    tables = {
+        "regions": pa.Table.from_pylist(regions, schema=schema.REGIONS),
+        "region_features": pa.Table.from_pylist(region_features, schema=schema.region_features_schema(DIM)),
+        "image_features": pa.Table.from_pylist(image_features, schema=schema.image_features_schema(DIM)),
+        "text_features": pa.Table.from_pylist(text, schema=schema.text_features_schema(DIM)),
+    }
+    return pa.Table.from_pylist(tweets, schema=schema.TWEETS), tables
+
+
+def _store(tables: dict[str, pa.Table]) -> VisualStore:
+    return VisualStore(tables["regions"], tables["region_features"], tables["image_features"], top_k=K,
+                       extras=("text",), extra_tables={"text_features": tables["text_features"]})
+
+
+def _model(tweets: pa.Table, **cfg) -> BGATagger:
+    seed_everything(0)
+    visual = BGAConfig(visual_dim=DIM, top_k=K, hidden=8, **cfg)
+    return build_crf_tagger(CFG, tweets, BGATagger, visual=visual)
+
+
+def _data(model: BGATagger, tweets: pa.Table, tables: dict) -> BGATrainingSet:
+    data = BGATrainingSet(model, tweets, _store(tables), batch_size=CFG["batch_size"])
+    model.fit_feature_statistics(data.visuals)
+    return data
+
+
+def test_config_checks_loss_and_schedule():
+    assert BGAConfig(visual_dim=DIM, stage_epochs=[1, 3], thresholds=[-1, 0.5]).thresholds == (-1.0, 0.5)
+    assert BGAConfig(visual_dim=DIM).extras == ("text",) and BGAConfig(DIM, text_target=False).extras == ()
+    with pytest.raises(ValueError, match="loss"):
+        BGAConfig(visual_dim=DIM, loss="mse")
+    with pytest.raises(ValueError, match="start at 1"):
+        BGAConfig(visual_dim=DIM, stage_epochs=[2, 4], thresholds=[-1, 0])
+    with pytest.raises(ValueError, match="2 start epochs for 3 thresholds"):
+        BGAConfig(visual_dim=DIM, stage_epochs=[1, 4], thresholds=[-1, 0, 1])
+    with pytest.raises(ValueError, match="unknown params \\['weight'\\]"):
+        bga_config({"top_k": K, "weight": 1.0}, DIM)
+
+
+def test_sampler_keeps_everything_in_stage_1_and_less_later():
+    # Pair 0: 3 words (the last is padding) x 3 regions (the last is padding); pair 1 has no regions.
+    similarity = torch.tensor([
+        [[0.9, 0.1, 5.0], [0.2, 0.3, 5.0], [5.0, 5.0, 5.0]],
+        [[5.0, 5.0, 5.0], [5.0, 5.0, 5.0], [5.0, 5.0, 5.0]],
+    ])
+    word_mask = torch.tensor([[True, True, False], [True, True, True]])
+    region_mask = torch.tensor([[True, True, False], [False, False, False]])
+    sampler = ContextSampler(stage_epochs=[1, 2, 3], thresholds=[-1.0, 0.5, 0.95])
+
+    words, regions = sampler(similarity, word_mask, region_mask)
+    assert torch.equal(words, word_mask) and torch.equal(regions, region_mask)
+    sampler.epoch = 2  # word 1 (best 0.3) and region 1 (best 0.3) fall below 0.5; padding is never kept
+    words, regions = sampler(similarity, word_mask, region_mask)
+    assert words.tolist() == [[True, False, False], [True, True, True]]
+    assert regions.tolist() == [[True, False, False], [False, False, False]]
+    sampler.epoch = 3  # nothing passes 0.95: the best word and region of the pair stay
+    assert [m.tolist() for m in sampler(similarity, word_mask, region_mask)] == [
+        [[True, False, False], [True, True, True]], [[True, False, False], [False] * 3]]
+
+    # Counts cover the pair with regions only; kept and dropped add up to what was seen.
+    assert [sampler.counts[f"stage_{s}"]["threshold"] for s in (1, 2, 3)] == [-1.0, 0.5, 0.95]
+    for stage, kept in (("stage_1", 2), ("stage_2", 1), ("stage_3", 1)):
+        counts = sampler.counts[stage]
+        assert (counts["pairs"], counts["words"], counts["regions"]) == (1, 2, 2)
+        assert counts["words_kept"] == counts["regions_kept"] == kept
+    assert matched(similarity, word_mask, region_mask, 0.2)[0].tolist() == [[True, True, False], [True] * 3]
+
+
+def test_inference_reads_no_image():
+    tweets, tables = _tiny_dataset()
+    model = _model(tweets)
+    with torch.no_grad():  # a head and CRF far from their init, so the tags are not all "O"
+        for p in [*model.classifier.parameters(), *model.generation.parameters()]:
+            p.add_(torch.randn_like(p))
+    tokens = tweets.column("tokens").to_pylist()
+    store = _store(tables)
+    visuals, _ = store.lookup_table(tweets)
+    expected = model.predict_entities(tokens, visuals)
+    assert any(expected)
+    noise = [ImageVisual(v.boxes, None if v.embeddings is None else 1e3 * np.random.randn(*v.embeddings.shape),
+                         np.random.randn(DIM) * 1e3, 40, 40, text=np.random.randn(DIM)) for v in visuals]
+    assert model.predict_entities(tokens, [NO_IMAGE] * len(tokens)) == expected
+    assert model.predict_entities(tokens, noise) == expected
+    assert model.predict_entities(tokens) == expected
+
+    # Through the store too: real, garbage, and no features give the same predictions.
+    images = tables["image_features"]
+    noise_column = pa.array((np.random.randn(images.num_rows, DIM) * 1e3).tolist(), schema.vector(DIM))
+    garbage = dict(tables, image_features=images.set_column(1, "embedding", noise_column))
+    empty = {key: table.slice(0, 0) for key, table in tables.items()}
+    predictions = [VisualPredictor(model, _store(t)).predict(tweets) for t in (tables, garbage, empty)]
+    assert predictions[0].column("entities").to_pylist() == expected
+    assert predictions[1].equals(predictions[0]) and predictions[2].equals(predictions[0])
+
+
+def test_generation_losses_are_masked_for_tweets_without_image():
+    tweets, tables = _tiny_dataset()
+    model = _model(tweets).eval()
+    data = _data(model, tweets, tables)
+    losses = model.generation_losses(data.batch([2, 4, 5, 6]))
+    assert all(losses[term].item() > 0 for term in TERMS)
+    # Tweet 0 has no image and tweet 1 null features: no term sees them, as anchor or as negative.
+    with_missing = model.generation_losses(data.batch([0, 2, 1, 4, 5, 6]))
+    for term in TERMS:
+        torch.testing.assert_close(with_missing[term], losses[term])
+    assert all(value.item() == 0 for value in model.generation_losses(data.batch([0, 1])).values())
+    assert model.loss(data.batch([0, 1])).item() == CRFTagger.loss(model, data.batch([0, 1])).item()
+    # Tweet 3 has an image but no CLIP text embedding: only the clip_text term leaves it out.
+    without_text = model.generation_losses(data.batch([2, 3, 4, 5, 6]))
+    assert without_text["image"] != losses["image"]
+    torch.testing.assert_close(without_text["clip_text"], losses["clip_text"])
+    counts = model.sampler.counts["stage_1"]
+    assert (counts["no_image"], counts["no_regions"]) == (6, 0)  # tweets 0 and 1, in three batches
+
+
+@pytest.mark.parametrize("loss", ["infonce", "cosine", "both"])
+def test_generation_losses_fall_and_train_heads_and_encoder(loss):
+    tweets, tables = _tiny_dataset()
+    model = _model(tweets, loss=loss)
+    data = _data(model, tweets, tables)
+    batch = data.batch(range(2, 8))
+
+    total = sum(model.generation_losses(batch).values())
+    total.backward()
+    heads = ("pool", "text_to_object", "object_to_image", "visual_to_text", "text_to_clip")
+    for name in heads:
+        grads = [p.grad for p in getattr(model.generation, name).parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), name
+    assert model.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = {term: value.item() for term, value in model.generation_losses(batch).items()}
+    for _ in range(15):
+        optimizer.zero_grad()
+        sum(model.generation_losses(batch).values()).backward()
+        optimizer.step()
+    last = {term: value.item() for term, value in model.generation_losses(batch).items()}
+    assert all(last[term] < first[term] for term in TERMS), (first, last)
+
+
+def test_without_images_training_is_the_text_taggers():
+    tweets, tables = _tiny_dataset(images=False)
+    empty = {key: table.slice(0, 0) for key, table in tables.items()}
+    bga = _model(tweets)
+    fit(bga, _data(bga, tweets, empty), tweets, CFG, seed=0)
+    seed_everything(0)
+    text_only = build_crf_tagger(CFG, tweets)
+    fit(text_only, tweets, tweets, CFG, seed=0)
+    ours = bga.state_dict()
+    for key, value in text_only.state_dict().items():
+        assert torch.equal(ours[key], value), key
+    assert bga.sampler.counts["stage_1"]["no_image"] == 2 * len(tweets)
+
+
+def test_save_load_and_gmner_predict_without_visual_tables(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ here: prediction must not need it
+    tweets, tables = _tiny_dataset()
+    model = _model(tweets)
+    _data(model, tweets, tables)  # feature statistics, saved as buffers
+    with torch.no_grad():
+        for p in [*model.classifier.parameters(), *model.generation.parameters()]:
+            p.add_(torch.randn_like(p))
+    model.save(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert config["kind"] == "bga" and config["visual"]["thresholds"] == [-1.0, 0.0, 0.2]
+
+    loaded = load_predictor(tmp_path / "model", torch.device("cpu"))
+    assert isinstance(loaded, predictor.TaggerPredictor)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.tagger.state_dict()[key], value), key
+    expected = model.predict_entities(tweets.column("tokens").to_pylist())
+    assert loaded.predict(tweets).column("entities").to_pylist() == expected
+
+    # `gmner predict` on text alone, and with an image path that is not even there.
+    monkeypatch.setitem(predictor.LAZY_LOADERS, "bga", "gmner.bga")
+    lines = [{"tokens": tweets.column("tokens")[2].as_py(), "image": "missing.png"}, {"text": "RT Ann Lee visits Oslo"}]
+    Path("in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert predict_jsonl(tmp_path / "model", "in.jsonl", "out.jsonl") == 2
+    out = [json.loads(line) for line in Path("out.jsonl").read_text().splitlines()]
+    assert [(e["start"], e["end"], e["type"]) for e in out[0]["entities"]] == [
+        (e["start"], e["end"], e["type"]) for e in expected[2]]
+
+
+def test_run_stage_writes_model_and_dvclive(tmp_path):
+    splits = {split: _tiny_dataset(split=split) for split in ("train", "dev")}
+    (tmp_path / "data" / "prepared").mkdir(parents=True)
+    for split, (tweets, _) in splits.items():
+        pq.write_table(tweets, tmp_path / "data" / "prepared" / f"{split}.parquet")
+    for key in splits["train"][1]:
+        (tmp_path / DEFAULT_PATHS[key]).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.concat_tables(tables[key] for _, tables in splits.values()), tmp_path / DEFAULT_PATHS[key])
+    group = {"top_k": K, "hidden": 8, "stage_epochs": [1, 2], "thresholds": [-1.0, 0.5], "fit": {"epochs": 2}}
+    run_stage({"base": {"seed": 0, "device": "cpu"}, "train": dict(CFG, epochs=5), "train_bga": group}, tmp_path)
+
+    model_dir = tmp_path / "models" / "bga"
+    assert json.loads((model_dir / "model.json").read_text())["kind"] == "bga"
+    summary = json.loads((model_dir / "train_summary.json").read_text())
+    assert summary["epochs"] == 2 and len(summary["history"]) == 2  # train_bga.fit overrides train
+    sampler = summary["train_sampler"]
+    assert set(sampler) == {"stage_1", "stage_2"}
+    assert sampler["stage_1"]["pairs"] == sampler["stage_2"]["pairs"] == 6  # 8 tweets, 2 without features
+    assert sampler["stage_1"]["regions_kept"] == 6 * K > 0
+    assert (tmp_path / "dvclive" / "bga" / "metrics.json").is_file()
+
+    for path in (tmp_path / "data").glob("**/*.parquet"):  # prediction reads no visual table
+        if path.parent.name != "prepared":
+            path.unlink()
+    dev = pq.read_table(tmp_path / "data" / "prepared" / "dev.parquet")
+    assert load_predictor(model_dir, torch.device("cpu")).predict(dev).num_rows == dev.num_rows
