@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_grounded_tagger import CFG, DIM, K
 
 from gmner import predictor, schema
 from gmner.bga import TERMS, BGAConfig, BGATagger, ContextSampler, load_predictor, matched
@@ -20,13 +21,6 @@ from gmner.train_bga import BGATrainingSet, bga_config, run_stage
 from gmner.train_tagger import build_crf_tagger, fit
 from gmner.visual_tagger import VisualPredictor
 
-DIM, K = 4, 3
-CFG = {
-    "encoder": "tiny",
-    "tiny": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-    "max_length": 32, "dropout": 0.0, "epochs": 2, "batch_size": 4, "lr": 1e-3, "head_lr": 1e-2,
-    "weight_decay": 0.01, "warmup_ratio": 0.1, "max_grad_norm": 1.0,
-}
 FIRST = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn"]
 PLACES = ["Oslo", "Rome", "Lima", "Kiev"]
 

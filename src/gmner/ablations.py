@@ -1,10 +1,11 @@
 """Ablation tables (Markdown, mean ± sample std over seeds) from the JSON of `dvc exp show --json`.
 
 A table is a set of rows, each a name and the params.yaml values that define it, and a set of metric columns.
-A row's settings are the baseline values of every param the table ablates, overridden by the row's own: so a
-row with no params is the full model, and an experiment changing two ablated params at once (a grid run) is
-reported as unmatched instead of being averaged into a one-factor row. Params the table does not ablate are
-free (a footnote names those that differ within a row). Seeds are the distinct ``base.seed`` values.
+A row's settings are the baseline's params, overridden by the row's own: a row with no params is the full
+model, and an experiment is averaged into a row only when it differs from the baseline in exactly that row's
+params (and the seed). Any other experiment (a grid run changing two ablated params, another table's
+ablation, a learning-rate trial) is listed as matching no row, with what it changed. Seeds are the distinct
+``base.seed`` values.
 
 The JSON (DVC 3.x) is a list of revisions: the workspace first, then commits, each
 ``{rev, name, data: {timestamp, params: {file: {data}}, metrics: {file: {data} | {error}}}, error,
@@ -73,6 +74,39 @@ BUILTIN_TABLES: dict[str, dict] = {
             "generated image on": {"train_grounded.generated_image": True},
             "top_k 4": {"train_grounded.top_k": 4},
         },
+    },
+    "init": {
+        "title": "Fine-tuning from the pretrain checkpoint vs from scratch (same architecture)",
+        "columns": _GROUNDED_COLUMNS,
+        "rows": {
+            "from pretrain": {},
+            "from scratch": {"train_grounded.init": "none", "train_grounded.connector": True},
+        },
+    },
+    "vsgn": {
+        "title": "VSGN",
+        "columns": {
+            "dev MNER F1": "metrics/vsgn.json:dev.mner.f1",
+            "test MNER F1": "metrics/vsgn.json:test.mner.f1",
+        },
+        "rows": {
+            "full": {},
+            "w/o VSG (token-to-patch attention)": {"train_vsgn.vsg": False},
+            "CIR -> concatenation": {"train_vsgn.fusion": "concat"},
+            "CIR -> weighted sum": {"train_vsgn.fusion": "sum"},
+            "with captions": {"train_vsgn.captions": True},
+        },
+    },
+    "models": {
+        "title": "Every model, full settings",
+        "columns": {
+            f"{split} {task} {model}": f"metrics/{model}.json:{split}.{key}.f1"
+            for task, key, models in (("MNER", "mner", ("tagger", "vsgn", "bga")),
+                                      ("GMNER", "gmner.candidates", ("tagger", "grounded", "index")))
+            for split in ("dev", "test")
+            for model in models
+        },
+        "rows": {"full": {}},
     },
 }
 
@@ -198,8 +232,9 @@ def write_ablations(
 def _render_table(name: str, table: dict, exp_show: ExpShow) -> str:
     rows: dict[str, dict] = table["rows"]
     columns: dict[str, str] = table["columns"]
-    ablated = sorted({key for settings in rows.values() for key in settings})
-    defaults = {key: _lookup(exp_show.baseline, key) for key in ablated}
+    baseline = {key: value for key, value in _flatten(exp_show.baseline) if key != SEED_PARAM}
+    ablated = sorted(set(baseline) | {key for settings in rows.values() for key in settings})
+    defaults = {key: baseline.get(key, MISSING) for key in ablated}
     settings = {row: {**defaults, **own} for row, own in rows.items()}
     notes = []
     first_with: dict[str, str] = {}
@@ -229,9 +264,6 @@ def _render_table(name: str, table: dict, exp_show: ExpShow) -> str:
     ]
     for row, exps in matched.items():
         by_seed = _one_per_seed(exps, row, notes)
-        varying = _varying([exp.params for exp in by_seed.values()])
-        if varying:
-            notes.append(f"{row}: its experiments also differ in {', '.join(varying)}.")
         seeds = ", ".join(_show(seed) for seed in by_seed) or "—"
         cells = [_summary([_metric(exp, ref, exp_show.source) for exp in by_seed.values()]) for ref in columns.values()]
         lines.append(f"| {_cell(row)} | {seeds} | " + " | ".join(cells) + " |")
@@ -282,13 +314,6 @@ def _metric(exp: Experiment, ref: str, source: str) -> Any:
     if value is not MISSING and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise DataError(f"{source}: experiment {exp.name}", f"metric {ref} is {value!r}, not a number")
     return value
-
-
-def _varying(params: list[dict]) -> list[str]:
-    """Dotted params (besides the seed) whose values differ among these revisions."""
-    flat = [dict(_flatten(p)) for p in params]
-    keys = sorted({key for f in flat for key in f} - {SEED_PARAM})
-    return [key for key in keys if len({_show(f.get(key, MISSING)) for f in flat}) > 1]
 
 
 def _flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:

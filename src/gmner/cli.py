@@ -81,7 +81,7 @@ def ablations(
     ),
     tables: Optional[list[str]] = typer.Option(
         None, "--table", "-t",
-        help="table to build (repeatable); default: the --spec file's, else dlram, vtc, grounding",
+        help="table to build (repeatable); default: the --spec file's, else every built-in one",
     ),
     spec: Optional[Path] = typer.Option(None, "--spec", help="YAML of tables adding to or replacing the built-in ones"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the Markdown here instead of stdout"),
