@@ -35,7 +35,7 @@ class BGATrainingSet(VisualTrainingSet):
         self.steps_per_epoch = math.ceil(len(self) / batch_size)
         self.served = 0
         # The sampler updates this dict in place, so the summary written after training holds the final counts.
-        self.summary = {"train_sampler": model.sampler.counts}
+        self.summary["train_sampler"] = model.sampler.counts
 
     def batch(self, indices: Sequence[int]) -> dict:
         self.tagger.sampler.epoch = self.served // self.steps_per_epoch + 1

@@ -46,7 +46,7 @@ class GroundedTrainingSet(VisualTrainingSet):
                 self.target_counts["groundable"] += bool(entity["boxes"])
                 self.target_counts["candidate_target"] += grounded
                 self.target_counts["groundable_target_none"] += bool(entity["boxes"]) and not grounded
-        self.summary = {"train_targets": dict(self.target_counts)}
+        self.summary["train_targets"] = dict(self.target_counts)
 
     def batch(self, indices) -> dict:
         batch = super().batch(indices)

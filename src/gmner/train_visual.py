@@ -21,10 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class VisualTrainingSet(TrainingSet):
-    """``TrainingSet`` plus each tweet's visual inputs (``coverage`` counts the missing ones by reason)."""
+    """``TrainingSet`` plus each tweet's visual inputs (``coverage`` counts the missing ones by reason);
+    ``summary`` holds what a model family adds to train_summary.json."""
 
     def __init__(self, model: VisualModel, table: pa.Table, store: VisualStore):
         self.visuals, self.coverage = store.lookup_table(table)
+        self.summary: dict = {}
         super().__init__(model, table, model.contexts(self.visuals))
 
     def batch(self, indices: Sequence[int]) -> dict:
@@ -67,8 +69,7 @@ def train_stage(
     model = build(train, store).to(resolve_device(params["base"]["device"]))
     data = training_set(model, train, store)
     model.fit_feature_statistics(data.visuals)
-    summary = {"train_visual": dict(data.coverage), "dev_visual": dict(store.lookup_table(dev)[1]),
-               **getattr(data, "summary", {})}
+    summary = {"train_visual": dict(data.coverage), "dev_visual": dict(store.lookup_table(dev)[1]), **data.summary}
     log.info("%s: %s", name, summary)
     score_dev = dev_score(VisualPredictor(model, store), dev, task, store.regions if task == "gmner" else None)
     train_and_save(model, data, dev, fit_params, seed, root, name, started, score_dev, summary)
