@@ -239,55 +239,23 @@ def test_tia_masked_content_does_not_reach_the_prediction():
 
 def test_tia_gradients_flow_and_generated_targets_are_used():
     model, nce = TextImageReflection(6, 8, hidden=16, heads=2), InfoNCE()
-    text, text_mask, regions, geometry, region_mask, masked = _tia_batch()
+    batch = _tia_batch()
     generated = torch.randn(3, 8)
     use = torch.tensor([False, True, False])
-    per_image, mean = model(
-        nce,
-        text,
-        text_mask,
-        regions,
-        geometry,
-        region_mask,
-        masked,
-        torch.full((3,), 0.7),
-        generated=generated,
-        generated_mask=torch.ones(3, dtype=torch.bool),
-        use_generated=use,
-    )
+
+    def reflect(alpha, generated, generated_mask=torch.ones(3, dtype=torch.bool)):
+        return model(nce, *batch, alpha, generated=generated, generated_mask=generated_mask, use_generated=use)
+
+    per_image, mean = reflect(torch.full((3,), 0.7), generated)
     mean.backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
     assert nce.log_scale.grad is not None
     # Image 1's loss is now about its generated image: it changes with the generated embedding.
-    other, _ = model(
-        nce,
-        text,
-        text_mask,
-        regions,
-        geometry,
-        region_mask,
-        masked,
-        torch.full((3,), 0.7),
-        generated=generated + 3.0,
-        generated_mask=torch.ones(3, dtype=torch.bool),
-        use_generated=use,
-    )
+    other, _ = reflect(torch.full((3,), 0.7), generated + 3.0)
     assert other[1].item() != pytest.approx(per_image[1].item())
     # A missing generated embedding leaves that image without a target (0, not counted), never zero-filled.
-    missing, missing_mean = model(
-        nce,
-        text,
-        text_mask,
-        regions,
-        geometry,
-        region_mask,
-        masked,
-        torch.ones(3),
-        generated=generated,
-        generated_mask=torch.tensor([True, False, True]),
-        use_generated=use,
-    )
+    missing, missing_mean = reflect(torch.ones(3), generated, torch.tensor([True, False, True]))
     assert missing[1].item() == 0.0
     assert missing_mean.item() == pytest.approx((missing[0] + missing[2]).item() / 2, rel=1e-6)
 
