@@ -35,7 +35,6 @@ and pretrain.json (see gmner.pretrain_checkpoint, which also holds the config).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -58,7 +57,7 @@ from gmner.connector import SharedPrivateConnector
 from gmner.contrastive import InfoNCE
 from gmner.grounding import GEOMETRY, FeatureStandardiser
 from gmner.pretrain_checkpoint import CONFIG_FILE, HEADS_FILE, KIND, PretrainConfig, read_checkpoint
-from gmner.tagger import ENCODER_DIR, WordTagger
+from gmner.tagger import WordTagger, load_non_encoder_weights, save_with_encoder
 from gmner.text_encoder import load_text_encoder
 
 
@@ -205,25 +204,13 @@ class AlignmentModel(WordTagger):
 
     def save(self, model_dir: str | Path) -> None:
         """encoder/ (weights and tokenizer), heads.safetensors (everything else) and pretrain.json."""
-        from safetensors.torch import save_file
-
-        model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(model_dir / ENCODER_DIR)
-        self.tokenizer.save_pretrained(model_dir / ENCODER_DIR)
-        heads = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
-        save_file(heads, model_dir / HEADS_FILE)
-        (model_dir / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n")
+        save_with_encoder(self, model_dir, HEADS_FILE, CONFIG_FILE, self.config())
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "AlignmentModel":
-        from safetensors.torch import load_file
 
         checkpoint = read_checkpoint(model_dir)
         encoder, tokenizer = load_text_encoder(str(checkpoint.encoder_dir), tiny={})
         model = cls(encoder, tokenizer, checkpoint.config, checkpoint.max_length, checkpoint.encoder)
-        missing, unexpected = model.load_state_dict(load_file(checkpoint.path / HEADS_FILE), strict=False)
-        missing = [k for k in missing if not k.startswith("encoder.")]
-        if missing or unexpected:
-            raise ValueError(f"{checkpoint.path / HEADS_FILE}: weights missing {missing}, unexpected {unexpected}")
+        load_non_encoder_weights(model, checkpoint.path / HEADS_FILE)
         return model.to(device).eval()

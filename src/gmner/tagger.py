@@ -249,15 +249,7 @@ class CRFTagger(WordTagger):
 
     def save(self, model_dir: str | Path) -> None:
         """Write ``model.json`` (kind, labels, config), the encoder and tokenizer, and the head weights."""
-        from safetensors.torch import save_file
-
-        model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(model_dir / ENCODER_DIR)
-        self.tokenizer.save_pretrained(model_dir / ENCODER_DIR)
-        head = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("encoder.")}
-        save_file(head, model_dir / HEAD_FILE)
-        (model_dir / MODEL_FILE).write_text(json.dumps(self.config(), indent=2) + "\n")
+        save_with_encoder(self, model_dir, HEAD_FILE, MODEL_FILE, self.config())
 
     def config(self) -> dict:
         """What ``model.json`` holds: the kind and the constructor arguments besides encoder and tokenizer."""
@@ -269,16 +261,35 @@ class CRFTagger(WordTagger):
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "CRFTagger":
-        from safetensors.torch import load_file
-
         model_dir = Path(model_dir)
         config = json.loads((model_dir / MODEL_FILE).read_text())
         if config.get("kind") != cls.kind:
             raise ValueError(f"{model_dir / MODEL_FILE}: kind {config.get('kind')!r} is not {cls.kind!r}")
         encoder, tokenizer = load_text_encoder(str(model_dir / ENCODER_DIR), tiny={})
         tagger = cls.from_config(encoder, tokenizer, config)
-        missing, unexpected = tagger.load_state_dict(load_file(model_dir / HEAD_FILE), strict=False)
-        missing = [k for k in missing if not k.startswith("encoder.")]  # the encoder was loaded above
-        if missing or unexpected:
-            raise ValueError(f"{model_dir / HEAD_FILE}: head weights missing {missing}, unexpected {unexpected}")
+        load_non_encoder_weights(tagger, model_dir / HEAD_FILE)
         return tagger.to(device).eval()
+
+
+def save_with_encoder(model: WordTagger, model_dir: str | Path, weights_file: str, config_file: str, config: dict):
+    """A model folder: the encoder and tokenizer under encoder/, every other weight in ``weights_file``
+    (safetensors) and ``config`` in ``config_file`` (JSON)."""
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model.encoder.save_pretrained(model_dir / ENCODER_DIR)
+    model.tokenizer.save_pretrained(model_dir / ENCODER_DIR)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    save_file(weights, model_dir / weights_file)
+    (model_dir / config_file).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_non_encoder_weights(model: nn.Module, path: Path) -> None:
+    """Load what ``save_with_encoder`` wrote to ``path``; every non-encoder weight must be there, nothing else."""
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    missing = [k for k in missing if not k.startswith("encoder.")]  # the encoder is loaded from encoder/
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights missing {missing}, unexpected {unexpected}")
