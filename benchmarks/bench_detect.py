@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from gmner import prepare, sample
-from gmner.detect import run_stage
-from gmner.params import load_params
+from gmner.core.params import load_params
+from gmner.datasets import prepare, sample
+from gmner.vision.detect import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = {

@@ -32,9 +32,10 @@ from typing import NamedTuple
 
 import torch
 
-from gmner import caption, detect, features, prepare, sample, synthesize
-from gmner.atomic import write_text
-from gmner.params import load_params
+from gmner.core.atomic import write_text
+from gmner.core.params import load_params
+from gmner.datasets import prepare, sample
+from gmner.vision import caption, detect, features, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = "data/sample"  # relative, so prepared image paths (and the outputs) are the same in every root

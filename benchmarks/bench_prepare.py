@@ -9,8 +9,8 @@ import argparse
 import time
 from pathlib import Path
 
-from gmner.params import load_params
-from gmner.prepare import prepare_configured_split
+from gmner.core.params import load_params
+from gmner.datasets.prepare import prepare_configured_split
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "twitter10000_v2"

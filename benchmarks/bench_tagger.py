@@ -1,7 +1,7 @@
 """CRF tagger vs a plain token-classification head on the same encoder: dev MNER F1 and training speed.
 
 Both models start from identical encoder weights, see the same prepared data, batches, schedule and
-epochs (``fit`` from gmner.train_tagger), and are selected on dev MNER F1 the same way. The plain model is
+epochs (``fit_tagger`` from gmner.training.tagger), and are selected on dev MNER F1 the same way. The plain model is
 ``AutoModelForTokenClassification`` trained the usual way: cross-entropy on each word's first subword.
 
     python benchmarks/bench_tagger.py [data/prepared] [--encoder PATH|tiny] [--epochs N] [--lr X] ...
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from gmner.params import load_params, resolve_device, seed_everything
-from gmner.tagger import CRFTagger, WordTagger, build_labels
-from gmner.text_encoder import load_text_encoder
-from gmner.train_tagger import fit, read_split
+from gmner.core.params import load_params, resolve_device, seed_everything
+from gmner.models.tagger import CRFTagger, WordTagger, build_labels
+from gmner.models.text_encoder import load_text_encoder
+from gmner.training.tagger import fit_tagger, read_split
 
 
 class SoftmaxTagger(WordTagger):
@@ -100,7 +100,7 @@ def main() -> None:
         if name not in args.models:
             continue
         seed_everything(seed)  # same dropout stream for both
-        results[name] = fit(tagger.to(device), train, dev, cfg, seed)
+        results[name] = fit_tagger(tagger.to(device), train, dev, cfg, seed)
 
     print(f"encoder {cfg['encoder']}  train {train.num_rows}  dev {dev.num_rows}  epochs {cfg['epochs']}  "
           f"lr {cfg['lr']}  head_lr {cfg['head_lr']}  threads {args.threads}  device {device}")

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from gmner import caption, detect, features, prepare, sample, synthesize
-from gmner.params import load_params
+from gmner.core.params import load_params
+from gmner.datasets import prepare, sample
+from gmner.vision import caption, detect, features, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,6 @@
 """DVC stage `detect`: data/prepared/<split>.parquet -> data/regions.parquet and data/regions_summary.json."""
 
-from gmner.detect import run_stage
-from gmner.params import load_params
+from gmner.pipeline import main
 
 if __name__ == "__main__":
-    run_stage(load_params())
+    main("detect")

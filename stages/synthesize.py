@@ -1,10 +1,8 @@
 """DVC stage `synthesize`: data/prepared/<split>.parquet -> data/synthesized.parquet and data/synthesize_summary.json.
 
-The generated PNGs themselves live under the cache root (base.cache_root), named by their sha256.
-"""
+The generated PNGs themselves live under the cache root (base.cache_root), named by their sha256."""
 
-from gmner.params import load_params
-from gmner.synthesize import run_stage
+from gmner.pipeline import main
 
 if __name__ == "__main__":
-    run_stage(load_params())
+    main("synthesize")

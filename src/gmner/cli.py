@@ -1,62 +1,42 @@
 """The `gmner` command: every pipeline stage, plus prediction on new tweets.
 
-Stage commands run exactly what `dvc repro` runs (the same `run_stage` functions the scripts in stages/
-call), with optional `--set group.key=value` overrides for one-off runs outside DVC.
+Stage commands run exactly what `dvc repro` runs (gmner.pipeline.run, as the scripts in stages/ do), with
+optional `--set group.key=value` overrides of keys params.yaml has, for one-off runs outside DVC.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from gmner.pipeline import STAGES, report_user_errors, run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read")
 SetOpt = typer.Option(None, "--set", help="override a param, e.g. --set train.lr=3e-5 (repeatable)")
 
-# command name -> (library module holding run_stage, help text)
-STAGES = {
-    "sample": ("gmner.sample", "Generate the embedded synthetic sample dataset into data/sample."),
-    "prepare": ("gmner.prepare", "Read a dataset folder into data/prepared/<split>.parquet."),
-    "detect": ("gmner.detect", "Detect top-K candidate regions per image into data/regions.parquet."),
-    "caption": ("gmner.caption", "Caption every image with BLIP into data/captions.parquet."),
-    "synthesize": ("gmner.synthesize", "Generate images from tweet text and score the originals' relevance."),
-    "features": ("gmner.features", "Embed images, regions, generated images and text into data/features/."),
-    "train": ("gmner.train_tagger", "Train the transformer + CRF text tagger into models/tagger."),
-    "train_index": ("gmner.train_index", "Train the BART index-generation model (H-Index style) into models/index."),
-    "train_grounded": ("gmner.train_grounded", "Train the CRF tagger with a grounding head into models/grounded."),
-    "pretrain": ("gmner.pretrain", "Pre-train the text encoder and region connector (DLRAM, VTC): models/pretrain."),
-    "train_vsgn": ("gmner.train_vsgn", "Train the VSGN MNER model (subword / patch graphs, CIR) into models/vsgn."),
-    "train_bga": ("gmner.train_bga", "Train BGA-MNER (generative alignment, text-only inference) into models/bga."),
-}
-
-
-def _stage_command(module: str):
+def _stage_command(name: str):
     def command(params: Path = ParamsOpt, overrides: Optional[list[str]] = SetOpt) -> None:
-        from gmner.params import load_params
-
-        importlib.import_module(module).run_stage(load_params(params, overrides))
+        run(name, params, overrides)
 
     return command
 
 
-for _name, (_module, _help) in STAGES.items():
-    app.command(_name, help=_help)(_stage_command(_module))
+for _name, _stage in STAGES.items():
+    if _name != "evaluate":
+        app.command(_name, help=_stage.help)(_stage_command(_name))
 
 
-@app.command(help="Predict with a trained model on the prepared splits and write metrics/<model>.json.")
+@app.command(help=STAGES["evaluate"].help)
 def evaluate(
     model: str = typer.Option("tagger", help="model folder name under models/"),
     params: Path = ParamsOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
-    from gmner.evaluation import run_stage
-    from gmner.params import load_params
-
-    run_stage(load_params(params, overrides), model)
+    run("evaluate", params, overrides, model=model)
 
 
 @app.command(help="Predict entities (and regions) for a JSONL of tweets: {text | tokens, image?, id?} per line.")
@@ -69,7 +49,7 @@ def predict(
         None, "--draw", help="also draw each line's image with its entities' boxes into DIR/<id>.png", metavar="DIR"
     ),
 ) -> None:
-    from gmner.jsonl_predict import predict_jsonl
+    from gmner.predict import predict_jsonl
 
     predict_jsonl(model_dir, input_path, output_path, device=device, draw_dir=draw)
 
@@ -86,7 +66,7 @@ def ablations(
     spec: Optional[Path] = typer.Option(None, "--spec", help="YAML of tables adding to or replacing the built-in ones"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the Markdown here instead of stdout"),
 ) -> None:
-    from gmner.ablations import write_ablations
+    from gmner.evaluation.ablations import write_ablations
 
     write_ablations(input_path, tables, spec, out)
 
@@ -107,7 +87,7 @@ def exp_run(
     import subprocess
     import sys
 
-    from gmner.params import config_overrides
+    from gmner.core.params import config_overrides
 
     try:
         overrides = config_overrides(config, params)
@@ -122,13 +102,7 @@ def exp_run(
 
 def main() -> None:
     """Console entry point: bad input ends with its location on one line, not a traceback."""
-    from gmner.errors import DataError
-
-    try:
-        app()
-    except DataError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise SystemExit(2) from None
+    report_user_errors(app)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each grounded entity's box is drawn on its image in its type's colour, labelled "text (TYPE)" in a filled tag
 at the box's corner; the entities the model did not place in the image are listed as tags in a strip under
-it. Pictures are drawn on the image as :func:`gmner.images.load_image` returns it (EXIF rotation applied,
+it. Pictures are drawn on the image as :func:`gmner.core.images.load_image` returns it (EXIF rotation applied,
 huge images downscaled), so boxes, which are in original pixels, are mapped by its scale. Same input, same
 PNG bytes: PIL's bundled font, no PNG metadata.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from gmner.atomic import atomic_path
-from gmner.errors import DataError, Policy
-from gmner.images import SKIP_REASONS, BadImage, load_image
+from gmner.core.atomic import atomic_path
+from gmner.core.errors import DataError, Policy
+from gmner.core.images import SKIP_REASONS, BadImage, load_image
 
 Colour = tuple[int, int, int]
 
@@ -75,7 +75,7 @@ class _Style:
 def render(image: Image.Image, entities: Sequence[dict], scale: tuple[float, float] = (1.0, 1.0)) -> Image.Image:
     """``image`` with the boxes of ``entities`` (dicts with ``text``, ``type`` and ``box``: xyxy in original
     pixels or None) drawn on it, and a strip below listing those without a box. ``scale`` is (sx, sy) with
-    ``image`` pixels = original pixels * scale (:attr:`gmner.images.LoadedImage.scale`)."""
+    ``image`` pixels = original pixels * scale (:attr:`gmner.core.images.LoadedImage.scale`)."""
     width, height = image.size
     style = _Style.for_size(width, height)
     grounded = [e for e in entities if e["box"] is not None]
@@ -156,7 +156,7 @@ def _strip_layout(style: _Style, width: int, ungrounded: Sequence[dict],
 
 def draw_file(image_path: str | Path, entities: Sequence[dict], out_path: str | Path) -> None:
     """Render ``entities`` on the image at ``image_path`` into the PNG ``out_path`` (atomically); raise
-    :class:`gmner.images.BadImage` when the image cannot be loaded."""
+    :class:`gmner.core.images.BadImage` when the image cannot be loaded."""
     loaded = load_image(image_path)
     picture = render(loaded.image, entities, loaded.scale)
     with atomic_path(out_path) as tmp:

@@ -1,0 +1,1 @@
+"""Evaluation: the pure GMNER / MNER / EEG scorer, the evaluate stage, Markdown reports and ablation tables."""

@@ -1,0 +1,1 @@
+"""Vision-to-text pre-training (DLRAM, VTC): the alignment model, its objectives and its checkpoint."""

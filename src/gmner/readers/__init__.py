@@ -1,6 +1,0 @@
-"""Readers of the raw dataset formats; ``gmner.prepare`` turns their records into the TWEETS table."""
-
-from gmner.readers.conll import Tweet, read_conll
-from gmner.readers.voc import Voc, VocObject, box_problem, clip_box, read_voc
-
-__all__ = ["Tweet", "Voc", "VocObject", "box_problem", "clip_box", "read_conll", "read_voc"]

@@ -1,0 +1,108 @@
+"""The ``train_grounded`` stage: the CRF tagger of ``train`` plus a grounding head (gmner.models.grounded_tagger).
+
+Text model and optimiser settings come from the ``train`` params with ``train_grounded.fit`` overrides, the
+head's from ``train_grounded``. The
+head reads the detector candidates (data/regions.parquet) and their features (data/features/), plus the
+captions and generated images when switched on; the epoch is selected on dev GMNER F1 under the candidates
+protocol. Writes models/grounded/ (with train_summary.json, which also counts the tweets that could only get
+"none" and the gold spans left without a candidate target) and logs to dvclive/grounded.
+
+``connector: true`` passes the candidates through VTC's shared-private connector, shaped by the ``pretrain``
+params; ``init: pretrain`` (or a checkpoint folder) starts the text encoder and that connector from the
+pretrain stage's checkpoint (models/pretrain), in the checkpoint's shape. So from scratch and pre-trained
+runs of one architecture differ only in ``init``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from gmner.core.params import check_keys, fit_params
+from gmner.models.grounded_tagger import GroundedModel, GroundedTagger, GroundingConfig
+from gmner.models.visual_store import NONE, VisualStore
+from gmner.pretrain.checkpoint import PretrainCheckpoint, connector_settings, encoder_spec, read_checkpoint
+from gmner.training.tagger import build_crf_tagger
+from gmner.training.visual import VisualTrainingSet, train_stage
+
+HEAD_PARAMS = tuple(field for field in GroundingConfig.__dataclass_fields__ if field not in ("visual_dim", "connector"))
+STAGE_PARAMS = ("fit", "init", "connector")  # optimiser overrides, where the model starts, the connector switch
+
+
+class GroundedTrainingSet(VisualTrainingSet):
+    """``VisualTrainingSet`` plus each tweet's gold spans and their grounding targets."""
+
+    def __init__(self, model: GroundedModel, table: pa.Table, store: VisualStore):
+        super().__init__(model, table, store)
+        self.spans, self.targets, self.target_counts = [], [], Counter()
+        for visual, entities in zip(self.visuals, table.column("entities").to_pylist()):
+            self.spans.append([(e["start"], e["end"], e["type"]) for e in entities])
+            targets = [model.target(visual, np.asarray(e["boxes"], np.float32).reshape(-1, 4)) for e in entities]
+            self.targets.append(targets)
+            for entity, target in zip(entities, targets):
+                grounded = bool(target[NONE] < 1)
+                self.target_counts["gold_spans"] += 1
+                self.target_counts["groundable"] += bool(entity["boxes"])
+                self.target_counts["candidate_target"] += grounded
+                self.target_counts["groundable_target_none"] += bool(entity["boxes"]) and not grounded
+        self.summary["train_targets"] = dict(self.target_counts)
+
+    def batch(self, indices) -> dict:
+        batch = super().batch(indices)
+        spans, _ = self.tagger.span_batch(
+            [self.encoded[i] for i in indices],
+            [self.spans[i] for i in indices],
+            [self.targets[i] for i in indices],
+            n_options=1 + batch["region_mask"].shape[1],
+        )
+        batch.update(spans)
+        return batch
+
+
+def grounding_config(cfg: dict, visual_dim: int, connector: dict | None = None) -> GroundingConfig:
+    """The head's config from the ``train_grounded`` params (``fit``, ``init`` and the ``connector`` switch
+    set aside) and the connector settings, if any."""
+    check_keys("train_grounded", cfg, (*HEAD_PARAMS, *STAGE_PARAMS))
+    head = {key: value for key, value in cfg.items() if key in HEAD_PARAMS}
+    return GroundingConfig(visual_dim=visual_dim, connector=connector, **head)
+
+
+def init_checkpoint(init: str | None, root: Path) -> PretrainCheckpoint | None:
+    """The checkpoint ``init`` names: none, ``pretrain`` (models/pretrain under ``root``) or a folder."""
+    if init in (None, "none"):
+        return None
+    path = Path("models/pretrain" if init == "pretrain" else init)
+    return read_checkpoint(path if path.is_absolute() else root / path)
+
+
+def build_grounded(params: dict, root: Path, train: pa.Table, store: VisualStore) -> GroundedTagger:
+    """A fresh grounded tagger for ``params``: from the ``init`` checkpoint's encoder and connector if any."""
+    group, fit = params["train_grounded"], fit_params(params, "train_grounded")
+    checkpoint = init_checkpoint(group.get("init"), root)
+    connector = None
+    if checkpoint is not None:
+        checkpoint.check_compatible(store.dim, encoder_spec(fit))
+        connector = checkpoint.config.connector
+        fit = dict(fit, encoder=str(checkpoint.encoder_dir))  # its tokenizer too: the same vocabulary
+    elif group.get("connector"):
+        connector = connector_settings(params.get("pretrain", {}).get("connector", {}))
+    model = build_crf_tagger(fit, train, GroundedTagger, visual=grounding_config(group, store.dim, connector))
+    if checkpoint is not None:
+        model.head.visual.connector.load_state_dict(checkpoint.connector_state())
+    return model
+
+
+def run_stage(params: dict, root: str | Path = ".", name: str = "grounded") -> None:
+    """Train on data/prepared/{train,dev}.parquet under ``root``; write models/<name> and dvclive/<name>."""
+    root = Path(root)
+    group = params["train_grounded"]
+    extras = grounding_config(group, 1).extras
+
+    def build(train: pa.Table, store: VisualStore) -> GroundedTagger:
+        return build_grounded(params, root, train, store)
+
+    train_stage(params, root, name, "train_grounded", build,
+                lambda paths: VisualStore.read(paths, group["top_k"], extras), "gmner", GroundedTrainingSet)

@@ -1,0 +1,43 @@
+"""The ``train_vsgn`` stage: the VSGN MNER tagger (gmner.models.vsgn).
+
+Encoder and optimiser settings come from the ``train`` params, overridden by ``train_vsgn.fit``; the
+model's from ``train_vsgn``. It reads the detector candidates and their features, the patch tokens
+(``patches``) and the captions (``captions``), selects the epoch on dev MNER F1 and trains through the
+shared ``fit``; writes models/vsgn (with train_summary.json) and logs to dvclive/vsgn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from gmner.core.params import check_keys, fit_params
+from gmner.models.visual_store import VisualStore
+from gmner.models.vsgn import VSGNConfig, VSGNTagger
+from gmner.training.tagger import build_crf_tagger
+from gmner.training.visual import train_stage
+
+NAME = "vsgn"
+STAGE_PARAMS = ("fit", "patches")  # the rest of the group are VSGNConfig fields
+MODEL_PARAMS = tuple(f for f in VSGNConfig.__dataclass_fields__ if f not in ("visual_dim", "patch_dim"))
+
+
+def vsgn_config(group: dict, visual_dim: int, patch_dim: int | None) -> VSGNConfig:
+    """The model's config from the ``train_vsgn`` params; ``patch_dim`` is used only when ``patches`` is on."""
+    check_keys("train_vsgn", group, (*STAGE_PARAMS, *MODEL_PARAMS))
+    fields = {k: v for k, v in group.items() if k not in STAGE_PARAMS}
+    return VSGNConfig(visual_dim=visual_dim, patch_dim=patch_dim if group["patches"] else None, **fields)
+
+
+def run_stage(params: dict, root: str | Path = ".") -> None:
+    """Train on data/prepared/{train,dev}.parquet under ``root``; write models/vsgn and dvclive/vsgn."""
+    group = params["train_vsgn"]
+    cfg = fit_params(params, "train_vsgn")
+    probe = vsgn_config(group, 1, 1)  # the tables to read, before their sizes are known
+
+    def build(train: pa.Table, store: VisualStore) -> VSGNTagger:
+        return build_crf_tagger(cfg, train, VSGNTagger, visual=vsgn_config(group, store.dim, store.patch_dim))
+
+    train_stage(params, root, NAME, "train_vsgn", build,
+                lambda paths: VisualStore.read(paths, probe.top_k, probe.extras), "mner")
