@@ -106,7 +106,7 @@ def main() -> None:
           f"lr {cfg['lr']}  head_lr {cfg['head_lr']}  threads {args.threads}  device {device}")
     print(f"{'model':<8}{'dev MNER F1':>12}{'best epoch':>12}{'train sent/s':>14}")
     for name, r in results.items():
-        print(f"{name:<8}{r.best_dev_f1:>12.2f}{r.best_epoch:>12}{r.sentences_per_s:>14.1f}")
+        print(f"{name:<8}{r.best_dev:>12.2f}{r.best_epoch:>12}{r.sentences_per_s:>14.1f}")
 
 
 if __name__ == "__main__":

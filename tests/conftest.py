@@ -1,13 +1,15 @@
+"""Fixtures shared by the test modules; plain helpers (tiny configs and tables, pipeline runs) are in helpers.py."""
+
 import pytest
 import torch
 
-from gmner.tagger import CRFTagger
-from gmner.text_encoder import load_text_encoder
+from gmner.models.tagger import CRFTagger
+from gmner.models.text_encoder import load_text_encoder
+
+from helpers import TINY
 
 # Tiny models gain nothing from intra-op threads; with pytest -n 2 on two cores, more threads only oversubscribe.
 torch.set_num_threads(1)
-
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,12 @@ from datetime import datetime, timedelta
 import pytest
 from typer.testing import CliRunner
 
-from gmner import ablations
-from gmner.ablations import parse_exp_show, write_ablations
-from gmner.cli import app, main
-from gmner.errors import DataError
+from gmner.cli import app
+from gmner.core.errors import DataError
+from gmner.evaluation import ablations
+from gmner.evaluation.ablations import parse_exp_show, write_ablations
+
+from helpers import cli_exit_code
 
 DEFAULTS = {"top_k": 16, "regions": True, "global_feature": True, "loss": "kl", "captions": False}
 MINUTES = itertools.count()  # revisions made later are newer
@@ -187,9 +189,6 @@ def test_cli_command_reads_a_file_or_stdin(exp_show, tmp_path):
 def test_bad_input_is_an_error_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "exps.json"
     bad.write_text("[{")
-    monkeypatch.setattr(sys, "argv", ["gmner", "ablations", str(bad), "--out", str(tmp_path / "t.md")])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
+    assert cli_exit_code(monkeypatch, "ablations", str(bad), "--out", str(tmp_path / "t.md")) == 2
     assert f"error: {bad}:1: malformed JSON" in capsys.readouterr().err
     assert not (tmp_path / "t.md").exists()

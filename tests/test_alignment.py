@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from gmner.alignment import (
+from gmner.core.boxes import iou_matrix
+from gmner.models.losses import InfoNCE
+from gmner.pretrain.objectives import (
     RelevanceGate,
     TextImageReflection,
     entity_object_loss,
@@ -11,8 +13,6 @@ from gmner.alignment import (
     reflection_mask,
     sample_negatives,
 )
-from gmner.boxes import iou_matrix
-from gmner.contrastive import InfoNCE
 
 
 def _random_boxes(rng, n, size=100.0):

@@ -2,61 +2,23 @@
 save / load without visual tables, and the train_bga stage end to end."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_grounded_tagger import CFG, DIM, K
 
-from gmner import predictor, schema
-from gmner.bga import TERMS, BGAConfig, BGATagger, ContextSampler, load_predictor, matched
-from gmner.grounding import DEFAULT_PATHS, NO_IMAGE, ImageVisual, VisualStore
-from gmner.jsonl_predict import predict_jsonl
-from gmner.params import seed_everything
-from gmner.tagger import CRFTagger
-from gmner.train_bga import BGATrainingSet, bga_config, run_stage
-from gmner.train_tagger import build_crf_tagger, fit
-from gmner.visual_tagger import VisualPredictor
+from gmner.core import schema
+from gmner.models import predictor
+from gmner.models.bga import TERMS, BGAConfig, BGATagger, ContextSampler, load_predictor, matched
+from gmner.models.tagger import CRFTagger
+from gmner.models.visual_model import VisualPredictor
+from gmner.models.visual_store import NO_IMAGE, ImageVisual, VisualStore
+from gmner.training.bga import BGATrainingSet, bga_config, run_stage
+from gmner.training.tagger import fit_tagger
 
-FIRST = ["Ann", "Bob", "Cleo", "Dan", "Eve", "Finn"]
-PLACES = ["Oslo", "Rome", "Lima", "Kiev"]
-
-
-def _tiny_dataset(n: int = 8, split: str = "train", images: bool = True) -> tuple[pa.Table, dict[str, pa.Table]]:
-    """Tweets naming a PER and a LOC; tweet 0 has no image, the image of tweet 1 has null features, tweet 3 no
-    CLIP text embedding. Returns the tweets and the feature tables by DEFAULT_PATHS key."""
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    tweets, regions, region_features, image_features, text = [], [], [], [], []
-    boxes = [[0, 0, 10, 10], [20, 0, 30, 10], [0, 20, 10, 30]]
-    for i in range(n):
-        sha = f"{split}{i}" if images and i else None
-        tokens = ["RT", FIRST[i % 6], "Lee", "visits", PLACES[i % 4]]
-        tweets.append({
-            "tweet_id": str(i), "split": split, "source": "t", "image_id": str(i), "image_path": f"{i}.jpg",
-            "image_sha256": sha, "width": 40 if sha else None, "height": 40 if sha else None,
-            "tokens": tokens, "tags": ["O", "B-PER", "I-PER", "O", "B-LOC"],
-            "entities": [{"start": 1, "end": 3, "type": "PER", "text": " ".join(tokens[1:3]), "boxes": [boxes[0]]},
-                         {"start": 4, "end": 5, "type": "LOC", "text": tokens[4], "boxes": []}],
-        })
-        if i != 3:
-            text.append({"tweet_id": str(i), "split": split, "embedding": rng.normal(size=DIM).tolist()})
-        if sha:
-            null = i == 1
-            regions.append({"image_sha256": sha, "boxes": boxes, "scores": [0.9, 0.5, 0.1], "labels": ["o"] * K})
-            region_features.append({"image_sha256": sha, "skip_reason": "corrupt_image" if null else None,
-                                    "embeddings": None if null else rng.normal(size=(K, DIM)).tolist()})
-            image_features.append({"image_sha256": sha, "skip_reason": "corrupt_image" if null else None,
-                                   "embedding": None if null else rng.normal(size=DIM).tolist()})
-    tables = {
-        "regions": pa.Table.from_pylist(regions, schema=schema.REGIONS),
-        "region_features": pa.Table.from_pylist(region_features, schema=schema.region_features_schema(DIM)),
-        "image_features": pa.Table.from_pylist(image_features, schema=schema.image_features_schema(DIM)),
-        "text_features": pa.Table.from_pylist(text, schema=schema.text_features_schema(DIM)),
-    }
-    return pa.Table.from_pylist(tweets, schema=schema.TWEETS), tables
+from helpers import DIM, TINY_TRAIN, K, gmner_predict, seeded_tagger, tiny_bga_dataset, write_splits, write_tables
 
 
 def _store(tables: dict[str, pa.Table]) -> VisualStore:
@@ -65,13 +27,11 @@ def _store(tables: dict[str, pa.Table]) -> VisualStore:
 
 
 def _model(tweets: pa.Table, **cfg) -> BGATagger:
-    seed_everything(0)
-    visual = BGAConfig(visual_dim=DIM, top_k=K, hidden=8, **cfg)
-    return build_crf_tagger(CFG, tweets, BGATagger, visual=visual)
+    return seeded_tagger(tweets, BGATagger, visual=BGAConfig(visual_dim=DIM, top_k=K, hidden=8, **cfg))
 
 
 def _data(model: BGATagger, tweets: pa.Table, tables: dict) -> BGATrainingSet:
-    data = BGATrainingSet(model, tweets, _store(tables), batch_size=CFG["batch_size"])
+    data = BGATrainingSet(model, tweets, _store(tables))
     model.fit_feature_statistics(data.visuals)
     return data
 
@@ -85,7 +45,7 @@ def test_config_checks_loss_and_schedule():
         BGAConfig(visual_dim=DIM, stage_epochs=[2, 4], thresholds=[-1, 0])
     with pytest.raises(ValueError, match="2 start epochs for 3 thresholds"):
         BGAConfig(visual_dim=DIM, stage_epochs=[1, 4], thresholds=[-1, 0, 1])
-    with pytest.raises(ValueError, match="unknown params \\['weight'\\]"):
+    with pytest.raises(ValueError, match="train_bga.weight: unknown param"):
         bga_config({"top_k": K, "weight": 1.0}, DIM)
 
 
@@ -119,7 +79,7 @@ def test_sampler_keeps_everything_in_stage_1_and_less_later():
 
 
 def test_inference_reads_no_image():
-    tweets, tables = _tiny_dataset()
+    tweets, tables = tiny_bga_dataset()
     model = _model(tweets)
     with torch.no_grad():  # a head and CRF far from their init, so the tags are not all "O"
         for p in [*model.classifier.parameters(), *model.generation.parameters()]:
@@ -146,7 +106,7 @@ def test_inference_reads_no_image():
 
 
 def test_generation_losses_are_masked_for_tweets_without_image():
-    tweets, tables = _tiny_dataset()
+    tweets, tables = tiny_bga_dataset()
     model = _model(tweets).eval()
     data = _data(model, tweets, tables)
     losses = model.generation_losses(data.batch([2, 4, 5, 6]))
@@ -165,9 +125,10 @@ def test_generation_losses_are_masked_for_tweets_without_image():
     assert (counts["no_image"], counts["no_regions"]) == (6, 0)  # tweets 0 and 1, in three batches
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["infonce", "cosine", "both"])
 def test_generation_losses_fall_and_train_heads_and_encoder(loss):
-    tweets, tables = _tiny_dataset()
+    tweets, tables = tiny_bga_dataset()
     model = _model(tweets, loss=loss)
     data = _data(model, tweets, tables)
     batch = data.batch(range(2, 8))
@@ -190,14 +151,14 @@ def test_generation_losses_fall_and_train_heads_and_encoder(loss):
     assert all(last[term] < first[term] for term in TERMS), (first, last)
 
 
+@pytest.mark.slow
 def test_without_images_training_is_the_text_taggers():
-    tweets, tables = _tiny_dataset(images=False)
+    tweets, tables = tiny_bga_dataset(images=False)
     empty = {key: table.slice(0, 0) for key, table in tables.items()}
     bga = _model(tweets)
-    fit(bga, _data(bga, tweets, empty), tweets, CFG, seed=0)
-    seed_everything(0)
-    text_only = build_crf_tagger(CFG, tweets)
-    fit(text_only, tweets, tweets, CFG, seed=0)
+    fit_tagger(bga, _data(bga, tweets, empty), tweets, TINY_TRAIN, seed=0)
+    text_only = seeded_tagger(tweets)
+    fit_tagger(text_only, tweets, tweets, TINY_TRAIN, seed=0)
     ours = bga.state_dict()
     for key, value in text_only.state_dict().items():
         assert torch.equal(ours[key], value), key
@@ -206,7 +167,7 @@ def test_without_images_training_is_the_text_taggers():
 
 def test_save_load_and_gmner_predict_without_visual_tables(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no data/ here: prediction must not need it
-    tweets, tables = _tiny_dataset()
+    tweets, tables = tiny_bga_dataset()
     model = _model(tweets)
     _data(model, tweets, tables)  # feature statistics, saved as buffers
     with torch.no_grad():
@@ -224,25 +185,23 @@ def test_save_load_and_gmner_predict_without_visual_tables(tmp_path, monkeypatch
     assert loaded.predict(tweets).column("entities").to_pylist() == expected
 
     # `gmner predict` on text alone, and with an image path that is not even there.
-    monkeypatch.setitem(predictor.LAZY_LOADERS, "bga", "gmner.bga")
+    monkeypatch.setitem(predictor.LAZY_LOADERS, "bga", "gmner.models.bga")
     lines = [{"tokens": tweets.column("tokens")[2].as_py(), "image": "missing.png"}, {"text": "RT Ann Lee visits Oslo"}]
-    Path("in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert predict_jsonl(tmp_path / "model", "in.jsonl", "out.jsonl") == 2
-    out = [json.loads(line) for line in Path("out.jsonl").read_text().splitlines()]
+    predicted, out = gmner_predict(tmp_path / "model", lines)
+    assert predicted == 2
     assert [(e["start"], e["end"], e["type"]) for e in out[0]["entities"]] == [
         (e["start"], e["end"], e["type"]) for e in expected[2]]
 
 
+@pytest.mark.slow
 def test_run_stage_writes_model_and_dvclive(tmp_path):
-    splits = {split: _tiny_dataset(split=split) for split in ("train", "dev")}
-    (tmp_path / "data" / "prepared").mkdir(parents=True)
-    for split, (tweets, _) in splits.items():
-        pq.write_table(tweets, tmp_path / "data" / "prepared" / f"{split}.parquet")
-    for key in splits["train"][1]:
-        (tmp_path / DEFAULT_PATHS[key]).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.concat_tables(tables[key] for _, tables in splits.values()), tmp_path / DEFAULT_PATHS[key])
+    splits = {split: tiny_bga_dataset(split=split) for split in ("train", "dev")}
+    write_splits(tmp_path, {split: tweets for split, (tweets, _) in splits.items()})
+    write_tables(tmp_path, {key: pa.concat_tables(tables[key] for _, tables in splits.values())
+                            for key in splits["train"][1]})
     group = {"top_k": K, "hidden": 8, "stage_epochs": [1, 2], "thresholds": [-1.0, 0.5], "fit": {"epochs": 2}}
-    run_stage({"base": {"seed": 0, "device": "cpu"}, "train": dict(CFG, epochs=5), "train_bga": group}, tmp_path)
+    run_stage({"base": {"seed": 0, "device": "cpu"}, "train": dict(TINY_TRAIN, epochs=5), "train_bga": group},
+              tmp_path)
 
     model_dir = tmp_path / "models" / "bga"
     assert json.loads((model_dir / "model.json").read_text())["kind"] == "bga"

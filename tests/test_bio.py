@@ -1,6 +1,6 @@
 import pytest
 
-from gmner.bio import Span, orphan_inside, spans, split_tag, tags_from_spans
+from gmner.core.bio import Span, orphan_inside, spans, split_tag, tags_from_spans
 
 
 def test_spans_of_a_bio_sequence():

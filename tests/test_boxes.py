@@ -1,6 +1,6 @@
 import numpy as np
 
-from gmner.boxes import iou_matrix
+from gmner.core.boxes import iou_matrix
 
 
 def test_iou_against_hand_computed_values():

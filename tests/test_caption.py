@@ -8,24 +8,24 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from vision_data import vision_params, write_prepared
 
-from gmner.caption import run_stage
-from gmner.errors import DataError
-from gmner.item_stage import ModelUnavailable
-from gmner.schema import CAPTIONS
+from gmner.core.errors import DataError, ModelUnavailable
+from gmner.core.schema import CAPTIONS
+from gmner.vision.caption import run_stage
+
+from helpers import run_twice, vision_params, write_prepared
 
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory):
+    """The stage run twice on the tiny prepared data: the tests reading it are slow."""
     root = tmp_path_factory.mktemp("caption")
     shas = write_prepared(root)
-    first = run_stage(vision_params(), root)
-    first_bytes = (root / "data" / "captions.parquet").read_bytes()
-    second = run_stage(vision_params(), root)
-    return root, shas, first, second, first_bytes
+    first, second, first_bytes = run_twice(run_stage, root, ["captions.parquet"])
+    return root, shas, first, second, first_bytes["captions.parquet"]
 
 
+@pytest.mark.slow
 def test_one_row_per_distinct_image_with_flagged_failures(captioned):
     root, shas, first, _, _ = captioned
     table = pq.read_table(root / "data" / "captions.parquet")
@@ -42,12 +42,14 @@ def test_one_row_per_distinct_image_with_flagged_failures(captioned):
     assert summary["model_calls"] == 0 and summary["cache_hits"] == 3  # the second run wrote it
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_cache_and_writes_identical_bytes(captioned):
     root, _, _, second, first_bytes = captioned
     assert second["model_calls"] == 0 and second["cache_hits"] == 3
     assert (root / "data" / "captions.parquet").read_bytes() == first_bytes
 
 
+@pytest.mark.slow
 def test_generation_params_change_the_cache_key(captioned, tmp_path):
     root, *_ = captioned
     shutil.copytree(root, tmp_path / "copy")
@@ -80,10 +82,11 @@ def test_unreachable_model_id_is_named(tmp_path):
         run_stage(vision_params(caption={"model": "no-such-org/blip-nowhere"}), tmp_path)
 
 
+@pytest.mark.slow
 def test_a_saved_tiny_model_loads_from_its_folder(captioned, tmp_path):
     import torch
 
-    from gmner.vision_models import Captioner
+    from gmner.vision.models import Captioner
 
     *_, first_bytes = captioned
     params = vision_params()

@@ -1,27 +1,28 @@
 import sys
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gmner.cli import STAGES, app, main
+from gmner.cli import app
+from gmner.pipeline import STAGES
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from helpers import REPO, cli_exit_code
 
 
-def test_help_lists_every_dvc_stage_script_and_predict():
+def test_help_lists_every_dvc_stage_and_predict():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
-    scripts = {stage["cmd"].split()[1].removeprefix("stages/").removesuffix(".py") for stage in stages}
-    for name in [*scripts, "predict"]:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGES)  # the one stage table, and the pipeline, list the same stages
+    for name in [*stages, "predict"]:
         assert f" {name} " in result.output, name
+        assert name == "predict" or (REPO / "stages" / f"{name}.py").is_file()
 
 
 def test_stage_commands_run_the_stage_modules_with_overrides(tmp_path, monkeypatch):
     calls = []
     fake = type("M", (), {"run_stage": staticmethod(lambda params: calls.append(params))})
-    monkeypatch.setitem(sys.modules, STAGES["sample"][0], fake)
+    monkeypatch.setitem(sys.modules, STAGES["sample"].module, fake)
     (tmp_path / "p.yaml").write_text("sample: {train: 3}\n")
     result = CliRunner().invoke(app, ["sample", "--params", str(tmp_path / "p.yaml"), "--set", "sample.train=5"])
     assert result.exit_code == 0, result.output
@@ -31,10 +32,7 @@ def test_stage_commands_run_the_stage_modules_with_overrides(tmp_path, monkeypat
 def test_bad_input_ends_with_its_location_and_exit_code_2(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "in.jsonl"
     bad.write_text('{"text": "fine"}\nnot json\n')
-    monkeypatch.setattr(sys, "argv", ["gmner", "predict", str(tmp_path / "model"), str(bad), str(tmp_path / "o")])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2
+    assert cli_exit_code(monkeypatch, "predict", str(tmp_path / "model"), str(bad), str(tmp_path / "o")) == 2
     assert f"error: {bad}:2:" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gmner.connector import ConnectorConfig, SharedPrivateConnector, balance_loss
+from gmner.models.connector import ConnectorConfig, SharedPrivateConnector, balance_loss
 
 VISUAL, TEXT = 6, 8
 

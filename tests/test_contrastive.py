@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gmner.contrastive import InfoNCE
+from gmner.models.losses import InfoNCE
 
 
 def _ce(row, target):

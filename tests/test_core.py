@@ -1,18 +1,18 @@
 """The small shared pieces: atomic writes, the skip policy, params overrides, the per-item cache."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from gmner.atomic import atomic_path, write_json, write_parquet
-from gmner.cache import ItemCache, digest
-from gmner.errors import DataError, Policy
-from gmner.params import config_overrides, load_params
+from gmner.core.atomic import atomic_path, write_json, write_parquet
+from gmner.core.errors import DataError, Policy
+from gmner.core.hashing import digest
+from gmner.core.params import ParamError, config_overrides, fit_params, load_params
+from gmner.vision.cache import ItemCache
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_failed_atomic_write_leaves_nothing(tmp_path):
@@ -44,13 +44,35 @@ def test_policy_errors_or_counts():
         policy.handle("other", "w", "m")
 
 
-def test_params_overrides_parse_yaml_values(tmp_path):
+def test_params_overrides_parse_yaml_values_and_refuse_unknown_keys(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("train:\n  lr: 0.1\n  epochs: 2\n")
-    params = load_params(path, ["train.lr=3e-5", "train.new.flag=true"])
-    assert params["train"] == {"lr": 3e-5, "epochs": 2, "new": {"flag": True}}
-    with pytest.raises(ValueError, match="not key=value"):
+    path.write_text("train:\n  lr: 0.1\n  epochs: 2\ntrain_index:\n  fit: {}\n")
+    params = load_params(path, ["train.lr=3e-5", "train_index.fit.epochs=5"])
+    assert params["train"] == {"lr": 3e-5, "epochs": 2}
+    assert params["train_index"]["fit"] == {"epochs": 5}  # a trainer's fit takes any key of train
+    with pytest.raises(ParamError, match="^train.new.flag: no such param in"):
+        load_params(path, ["train.new.flag=true"])
+    with pytest.raises(ParamError, match="^train_index.fit.lrr: no such param in"):
+        load_params(path, ["train_index.fit.lrr=1"])
+    with pytest.raises(ParamError, match="an override is group.key=value"):
         load_params(path, ["train.lr"])
+
+
+def test_fit_params_are_the_shared_train_group_with_the_trainers_overrides():
+    params = {"train": {"lr": 0.1, "epochs": 2}, "train_vsgn": {"fit": {"epochs": 5}}, "pretrain": {}}
+    assert fit_params(params, "train_vsgn") == {"lr": 0.1, "epochs": 5}
+    assert fit_params(params, "pretrain") == {"lr": 0.1, "epochs": 2}
+    params["train_vsgn"]["fit"]["epoch"] = 1
+    with pytest.raises(ParamError, match="^train_vsgn.fit.epoch: unknown param; known: epochs, lr$"):
+        fit_params(params, "train_vsgn")
+
+
+def test_a_trainer_cannot_read_more_candidates_than_detect_keeps(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("detect: {top_k: 8}\ntrain_grounded: {top_k: 8}\n")
+    assert load_params(path)["train_grounded"]["top_k"] == 8
+    with pytest.raises(ParamError, match="^train_grounded.top_k: 16 candidates asked for, but detect.top_k keeps 8"):
+        load_params(path, ["train_grounded.top_k=16"])
 
 
 def test_config_files_become_checked_overrides_that_load_params_reads_back(tmp_path):
@@ -72,10 +94,10 @@ def test_config_files_become_checked_overrides_that_load_params_reads_back(tmp_p
 
 
 def test_shipped_dataset_configs_name_only_existing_params():
-    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    configs = sorted((REPO / "configs").glob("*.yaml"))
     assert {c.stem for c in configs} >= {"twitter2015", "twitter2017", "twitter-gmner"}
     for config in configs:
-        assert config_overrides(config, ROOT / "params.yaml")
+        assert config_overrides(config, REPO / "params.yaml")
 
 
 def test_cache_round_trip_and_corruption(tmp_path):

@@ -12,23 +12,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import Image
 
-from gmner import schema
-from gmner.atomic import write_parquet
-from gmner.detect import run_stage
-from gmner.detectors import build_detector
-from gmner.errors import DataError
-from gmner.item_stage import ModelUnavailable
+from gmner.core import schema
+from gmner.core.atomic import write_parquet
+from gmner.core.errors import DataError, ModelUnavailable
+from gmner.vision.detect import run_stage
+from gmner.vision.detectors import build_detector
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import repo_params
+
 SPLITS = ("train", "dev", "test")
 
 
 def make_params(backend="oracle", **detect):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["base"].update(device="cpu", cache_root=".cache")
+    params = repo_params(device="cpu", cache_root=".cache")
     params["prepare"]["files"] = {split: f"{split}.txt" for split in SPLITS}
     params["detect"].update(backend=backend, **detect)
     return params
@@ -91,6 +89,7 @@ def assert_valid_regions(rows, k, size=(48, 36)):
         assert row["scores"] == sorted(row["scores"], reverse=True)
 
 
+@pytest.mark.slow
 def test_oracle_hides_gold_among_distractors_and_reruns_from_cache(tmp_path):
     root = make_root(tmp_path / "a")
     summary = run_stage(make_params(top_k=5), root)
@@ -107,6 +106,7 @@ def test_oracle_hides_gold_among_distractors_and_reruns_from_cache(tmp_path):
     assert saved["items"] == 6 and saved["cache_hits"] == 6 and "items_per_s" in saved
 
 
+@pytest.mark.slow
 def test_new_images_cost_only_their_calls_and_output_matches_scratch(tmp_path):
     root = make_root(tmp_path / "a", n=5)
     run_stage(make_params(), root)
@@ -118,6 +118,7 @@ def test_new_images_cost_only_their_calls_and_output_matches_scratch(tmp_path):
     assert parquet_bytes(root) == parquet_bytes(scratch)
 
 
+@pytest.mark.slow
 def test_corrupt_cache_entry_is_recomputed(tmp_path):
     root = make_root(tmp_path / "a")
     run_stage(make_params(), root)
@@ -129,6 +130,7 @@ def test_corrupt_cache_entry_is_recomputed(tmp_path):
     assert parquet_bytes(root) == before
 
 
+@pytest.mark.slow
 def test_torchvision_backend_and_bad_images_per_policy(tmp_path):
     root = make_root(tmp_path / "a", n=3, bad=True)
     params = make_params("torchvision", top_k=4, num_workers=1)
@@ -155,6 +157,7 @@ def test_torchvision_weights_offline_fail_naming_them(tmp_path, monkeypatch):
         build_detector(cfg, seed=0, device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-owlv2", "tiny-grounding-dino"])
 @pytest.mark.parametrize("prompt", ["labels", "tweet"])
 def test_zero_shot_backends(tmp_path, model, prompt):
@@ -172,8 +175,8 @@ def test_zero_shot_backends(tmp_path, model, prompt):
 
 _SLOW_RUN = """
 import json, sys, time
-from gmner.detectors.oracle import OracleDetector
-from gmner.detect import run_stage
+from gmner.vision.detectors.oracle import OracleDetector
+from gmner.vision.detect import run_stage
 
 fast = OracleDetector.__call__
 def slow(self, batch):
@@ -184,6 +187,7 @@ run_stage(json.loads(sys.argv[1]), sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path):
     params = make_params(batch_size=2)
     root = make_root(tmp_path / "killed", n=36)
@@ -221,6 +225,7 @@ def _rank_main(rank: int, world: int, port: int, params: dict, root: str) -> Non
         (Path(root) / "rank0_summary.json").write_text(json.dumps(summary))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_merge_to_the_one_process_output(tmp_path):
     import torch.multiprocessing as mp
 

@@ -7,9 +7,9 @@ import json
 import pytest
 from PIL import Image
 
+from gmner.core.errors import DataError
 from gmner.draw import STRIP_BACKGROUND, draw_file, draw_predictions, render, type_colour
-from gmner.errors import DataError
-from gmner.jsonl_predict import predict_jsonl
+from gmner.predict import predict_jsonl
 
 ENTITIES = [
     {"text": "Obama", "type": "PER", "box": [20.0, 40.0, 120.0, 180.0]},

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import runpy
 import sys
-import types
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from gmner import schema
-from gmner.errors import DataError
-from gmner.evaluation import score
-from gmner.reports import per_type_table
+from gmner.core import schema
+from gmner.core.errors import DataError
+from gmner.evaluation.reports import per_type_table
+from gmner.evaluation.scoring import score
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, write_splits
 
 
 def ent(start, end, etype, boxes=()):
@@ -280,30 +279,26 @@ class FakePredictor:
         return pa.Table.from_pylist(rows, schema=schema.PREDICTIONS)
 
 
+@pytest.mark.slow
 def test_stage_writes_predictions_metrics_and_markdown(tmp_path, monkeypatch):
     # dev: t1 PER groundable (candidate 0 is its box) + LOC ungroundable; t2 has no image: its groundable ORG
     # can only be predicted None, so GMNER is 2/3 right and MNER 3/3. "train" is empty and "test" absent: skipped.
-    prepared = tmp_path / "data" / "prepared"
-    prepared.mkdir(parents=True)
     dev = gold_table(
         tweet("t1", [ent(0, 1, "PER", [BOX]), ent(2, 3, "LOC")]), tweet("t2", [ent(0, 2, "ORG", [BOX])], sha=None)
     )
-    pq.write_table(dev, prepared / "dev.parquet")
-    pq.write_table(dev.slice(0, 0), prepared / "train.parquet")
+    write_splits(tmp_path, {"dev": dev, "train": dev.slice(0, 0)})
     pq.write_table(regions_table({"sha-t1": [BOX]}), tmp_path / "data" / "regions.parquet")
     params = {
         "base": {"seed": 13, "device": "cpu"},
         "evaluate": {"splits": ["train", "dev", "test"], "iou_threshold": 0.5, "regions": "data/regions.parquet"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setitem(sys.modules, "gmner.predictor", types.SimpleNamespace(load=FakePredictor))
+    monkeypatch.setattr("gmner.evaluation.stage.load", FakePredictor)
     monkeypatch.chdir(tmp_path)
     FakePredictor.loaded.clear()
 
-    spec = importlib.util.spec_from_file_location("evaluate_stage", REPO / "stages" / "evaluate.py")
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    stage.main(["--model", "fake"])
+    monkeypatch.setattr(sys, "argv", ["stages/evaluate.py", "--model", "fake"])
+    runpy.run_path(str(REPO / "stages" / "evaluate.py"), run_name="__main__")
 
     assert FakePredictor.loaded == [(Path("models/fake"), "cpu")]
     predictions = pq.read_table(tmp_path / "data" / "predictions" / "fake" / "dev.parquet")
@@ -327,9 +322,9 @@ def test_stage_writes_predictions_metrics_and_markdown(tmp_path, monkeypatch):
 
 
 def test_stage_without_any_prepared_split_is_an_error(tmp_path, monkeypatch):
-    from gmner.evaluation import run_stage
+    from gmner.evaluation.stage import run_stage
 
-    monkeypatch.setitem(sys.modules, "gmner.predictor", types.SimpleNamespace(load=FakePredictor))
+    monkeypatch.setattr("gmner.evaluation.stage.load", FakePredictor)
     params = {"base": {"seed": 13, "device": "cpu"}, "evaluate": {"splits": ["dev"], "iou_threshold": 0.5}}
     with pytest.raises(DataError, match="none of the splits \\['dev'\\] has a non-empty"):
         run_stage(params, "fake", root=tmp_path)

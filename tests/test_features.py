@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from vision_data import vision_params, write_prepared
 
-from gmner import features
-from gmner.features import run_stage
-from gmner.schema import REGIONS, SYNTHESIZED, image_features_schema, region_features_schema, text_features_schema
+from gmner.core.schema import REGIONS, SYNTHESIZED, image_features_schema, region_features_schema, text_features_schema
+from gmner.vision import features
+from gmner.vision.features import run_stage
+
+from helpers import run_twice, vision_params, write_prepared
 
 OUTPUTS = ("images", "regions", "generated", "text")
 
@@ -55,14 +56,14 @@ def _table(root: Path, name: str) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def featured(tmp_path_factory):
+    """The stage run twice on the tiny inputs: the tests reading it are slow."""
     root = tmp_path_factory.mktemp("features")
     shas = write_inputs(root)
-    first = run_stage(vision_params(), root)
-    first_bytes = {name: (root / "data" / "features" / f"{name}.parquet").read_bytes() for name in OUTPUTS}
-    second = run_stage(vision_params(), root)
-    return root, shas, first, second, first_bytes
+    first, second, first_bytes = run_twice(run_stage, root, [f"features/{name}.parquet" for name in OUTPUTS])
+    return root, shas, first, second, {name: first_bytes[f"features/{name}.parquet"] for name in OUTPUTS}
 
 
+@pytest.mark.slow
 def test_image_embeddings_and_patch_tokens_with_flagged_rows(featured):
     root, shas, first, _, _ = featured
     table = _table(root, "images")
@@ -81,6 +82,7 @@ def test_image_embeddings_and_patch_tokens_with_flagged_rows(featured):
         "skip:missing_image": 1, "skip:not_an_image": 1}
 
 
+@pytest.mark.slow
 def test_region_embeddings_follow_the_boxes(featured):
     root, shas, *_ = featured
     table = _table(root, "regions")
@@ -96,6 +98,7 @@ def test_region_embeddings_follow_the_boxes(featured):
     assert not np.allclose(a[1], a[0])
 
 
+@pytest.mark.slow
 def test_generated_and_text_embeddings(featured):
     root, shas, first, *_ = featured
     generated = _table(root, "generated")
@@ -113,6 +116,7 @@ def test_generated_and_text_embeddings(featured):
     assert first["text"]["model_calls"] == 7
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_cache_and_writes_identical_bytes(featured):
     root, _, first, second, first_bytes = featured
     assert second["model_calls"] == 0 and second["cache_hits"] == first["model_calls"]
@@ -120,6 +124,7 @@ def test_rerun_reuses_the_cache_and_writes_identical_bytes(featured):
         assert (root / "data" / "features" / f"{name}.parquet").read_bytes() == first_bytes[name], name
 
 
+@pytest.mark.slow
 def test_adding_images_ends_equal_to_a_scratch_run(featured, tmp_path):
     *_, first_bytes = featured
     write_inputs(tmp_path)
@@ -135,6 +140,7 @@ def test_adding_images_ends_equal_to_a_scratch_run(featured, tmp_path):
         assert (tmp_path / "data" / "features" / f"{name}.parquet").read_bytes() == first_bytes[name], name
 
 
+@pytest.mark.slow
 def test_small_row_groups_stream_the_same_rows(featured, tmp_path, monkeypatch):
     root, *_ = featured
     shutil.copytree(root, tmp_path / "copy")
@@ -151,7 +157,7 @@ def test_batched_preprocessing_equals_the_per_image_transform():
     import torch
     from PIL import Image
 
-    from gmner.vision_models import BatchedCompose
+    from gmner.vision.models import BatchedCompose
 
     transform = open_clip.image_transform(64, is_train=False)
     rng = np.random.default_rng(0)
@@ -159,6 +165,7 @@ def test_batched_preprocessing_equals_the_per_image_transform():
     assert torch.equal(BatchedCompose.split(transform)(images), torch.stack([transform(im) for im in images]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["clip", "vit"])
 def test_transformers_backends(tmp_path, backend):
     write_inputs(tmp_path)

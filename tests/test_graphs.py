@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmner.graphs import (
+from gmner.models.graphs import (
     ChannelInhibitoryRouting,
     ConcatFusion,
     CrossModalAttention,

@@ -1,74 +1,39 @@
 """The CRF tagger with a grounding head: masks, training step, save / load, `gmner predict`, and the sample."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from gmner import schema
-from gmner.grounded_tagger import GroundedTagger, GroundingConfig, span_features
-from gmner.grounding import DEFAULT_PATHS, NONE, VisualStore
-from gmner.images import image_info
-from gmner.jsonl_predict import predict_jsonl
-from gmner.params import load_params, seed_everything
-from gmner.predictor import load
-from gmner.train_grounded import GroundedTrainingSet
-from gmner.train_tagger import build_crf_tagger, fit
-from gmner.visual_tagger import VisualPredictor
+from gmner.core import schema
+from gmner.core.images import image_info
+from gmner.incremental import run_pipeline
+from gmner.models.grounded_tagger import GroundedTagger, GroundingConfig, span_features
+from gmner.models.predictor import load
+from gmner.models.visual_model import VisualPredictor
+from gmner.models.visual_store import NONE, VisualStore
+from gmner.training.grounded import GroundedTrainingSet
+from gmner.training.tagger import fit_tagger
 
-ROOT = Path(__file__).resolve().parents[1]
-DIM, K = 4, 3
-CFG = {
-    "encoder": "tiny",
-    "tiny": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-    "max_length": 32, "dropout": 0.0, "epochs": 2, "batch_size": 4, "lr": 1e-3, "head_lr": 1e-2,
-    "weight_decay": 0.01, "warmup_ratio": 0.1, "max_grad_norm": 1.0,
-}
-
-
-def _tiny_dataset(n: int = 8, image_sha: str | None = None):
-    """Tweets naming a drawn PER (box = candidate 0 or 1) and an undrawn LOC; tweet 0 has no image and the
-    image of tweet 1 has null features. Returns (tweets, regions, region features, image features)."""
-    rng = np.random.default_rng(0)
-    tweets, regions, region_features, image_features = [], [], [], []
-    for i in range(n):
-        sha = None if i == 0 else (image_sha if i == 2 and image_sha else f"sha{i}")
-        boxes = [[0, 0, 10, 10], [20, 0, 30, 10], [0, 20, 10, 30]]
-        gold = [boxes[i % 2]] if sha else []
-        tweets.append({
-            "tweet_id": str(i), "split": "train", "source": "t", "image_id": str(i), "image_path": f"{i}.jpg",
-            "image_sha256": sha, "width": 40 if sha else None, "height": 40 if sha else None,
-            "tokens": ["RT", "Ann", "Lee", "visits", "Oslo"], "tags": ["O", "B-PER", "I-PER", "O", "B-LOC"],
-            "entities": [{"start": 1, "end": 3, "type": "PER", "text": "Ann Lee", "boxes": gold},
-                         {"start": 4, "end": 5, "type": "LOC", "text": "Oslo", "boxes": []}],
-        })
-        if sha:
-            regions.append({"image_sha256": sha, "boxes": boxes, "scores": [0.9, 0.5, 0.1], "labels": ["o"] * K})
-            missing = i == 1
-            region_features.append({"image_sha256": sha, "skip_reason": "corrupt_image" if missing else None,
-                                    "embeddings": None if missing else rng.normal(size=(K, DIM)).tolist()})
-            image_features.append({"image_sha256": sha, "skip_reason": "corrupt_image" if missing else None,
-                                   "embedding": None if missing else rng.normal(size=DIM).tolist()})
-    vec = pa.list_(pa.float32(), DIM)
-    return (
-        pa.Table.from_pylist(tweets, schema=schema.TWEETS),
-        pa.Table.from_pylist(regions, schema=schema.REGIONS),
-        pa.Table.from_pylist(region_features, schema=pa.schema(
-            [("image_sha256", pa.string()), ("embeddings", pa.list_(vec)), ("skip_reason", pa.string())])),
-        pa.Table.from_pylist(image_features, schema=pa.schema(
-            [("image_sha256", pa.string()), ("embedding", vec), ("skip_reason", pa.string())])),
-    )
+from helpers import (
+    DIM,
+    TINY_TRAIN,
+    K,
+    generate_sample,
+    gmner_predict,
+    repo_params,
+    seeded_tagger,
+    tiny_dataset,
+    write_tables,
+)
 
 
 def _tagger(tweets: pa.Table, **head) -> GroundedTagger:
-    seed_everything(0)
-    return build_crf_tagger(CFG, tweets, GroundedTagger,
-                            visual=GroundingConfig(visual_dim=DIM, top_k=K, hidden=8, heads=2, **head))
+    return seeded_tagger(tweets, GroundedTagger,
+                         visual=GroundingConfig(visual_dim=DIM, top_k=K, hidden=8, heads=2, **head))
 
 
 def test_span_features_place_each_span_among_those_of_its_type():
@@ -77,7 +42,7 @@ def test_span_features_place_each_span_among_those_of_its_type():
 
 
 def test_head_shapes_and_masks():
-    tweets, *tables = _tiny_dataset()
+    tweets, *tables = tiny_dataset()
     tagger = _tagger(tweets).eval()
     data = GroundedTrainingSet(tagger, tweets, VisualStore(*tables, top_k=K))
     batch = data.batch([0, 1, 2, 3])  # no image, null features, two usable images
@@ -112,7 +77,7 @@ def test_head_shapes_and_masks():
 
 
 def test_connector_head_keeps_the_masks_and_adds_its_balance_term():
-    tweets, *tables = _tiny_dataset()
+    tweets, *tables = tiny_dataset()
     # Without a connector the weights are those of before (saved models load unchanged).
     assert not any(".connector." in key for key in _tagger(tweets).state_dict())
     tagger = _tagger(tweets, connector={"dropout": 0.0}, balance_weight=1.0).eval()
@@ -153,7 +118,7 @@ def _extra_tables(tweets: pa.Table) -> dict:
 
 @pytest.mark.parametrize("switched_on", [False, True])
 def test_caption_and_generated_image_switches(switched_on):
-    tweets, *tables = _tiny_dataset()
+    tweets, *tables = tiny_dataset()
     tagger = _tagger(tweets, captions=switched_on, generated_image=switched_on).eval()
     assert tagger.extras == (("captions", "generated") if switched_on else ())
     store = VisualStore(*tables, top_k=K, extras=tagger.extras, extra_tables=_extra_tables(tweets))
@@ -169,15 +134,16 @@ def test_caption_and_generated_image_switches(switched_on):
     assert torch.isfinite(tagger.loss(batch))
 
 
+@pytest.mark.slow
 def test_training_learns_to_ground_and_predicts_regions_and_none():
-    tweets, *tables = _tiny_dataset(n=12)
+    tweets, *tables = tiny_dataset(n=12)
     store = VisualStore(*tables, top_k=K)
     tagger = _tagger(tweets)
     data = GroundedTrainingSet(tagger, tweets, store)
     assert data.coverage["only_none"] == 2 and data.coverage["no_image"] == 1
     assert data.target_counts["groundable"] == 11 and data.target_counts["groundable_target_none"] == 1
     first = tagger.loss(data.batch(range(12))).item()
-    fit(tagger, data, tweets, dict(CFG, epochs=8), seed=0)
+    fit_tagger(tagger, data, tweets, dict(TINY_TRAIN, epochs=8), seed=0)
     assert tagger.loss(data.batch(range(12))).item() < first / 2
     predictor = VisualPredictor(tagger, store)
     entities = predictor.predict(tweets, tables[0]).column("entities").to_pylist()
@@ -190,10 +156,8 @@ def test_save_load_round_trip_and_gmner_predict(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (40, 40), "red").save("new.png")
     sha = image_info("new.png")[0]
-    tweets, *tables = _tiny_dataset(image_sha=sha)
-    for key, table in zip(DEFAULT_PATHS, tables):
-        Path(DEFAULT_PATHS[key]).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, DEFAULT_PATHS[key])
+    tweets, *tables = tiny_dataset(image_sha=sha)
+    write_tables(tmp_path, tables)
     tagger = _tagger(tweets)
     with torch.no_grad():  # a head far from its init, so a lost weight would show
         for p in tagger.head.parameters():
@@ -209,9 +173,8 @@ def test_save_load_round_trip_and_gmner_predict(tmp_path, monkeypatch):
 
     # `gmner predict`: a new tweet found by its image's bytes, one without an image.
     lines = [{"tokens": tweets.column("tokens")[2].as_py(), "image": "new.png"}, {"text": "RT Ann Lee visits Oslo"}]
-    Path("in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    assert predict_jsonl(tmp_path / "model", "in.jsonl", "out.jsonl") == 2
-    out = [json.loads(line) for line in Path("out.jsonl").read_text().splitlines()]
+    predicted, out = gmner_predict(tmp_path / "model", lines)
+    assert predicted == 2
     want = expected.column("entities")[2].as_py()
     assert [(e["start"], e["end"], e["type"], e["region"], e["box"]) for e in out[0]["entities"]] == [
         (e["start"], e["end"], e["type"], e["region"], e["box"]) for e in want
@@ -219,34 +182,25 @@ def test_save_load_round_trip_and_gmner_predict(tmp_path, monkeypatch):
     assert all(e["region"] is None for e in out[1]["entities"])
 
 
-def _sample_root(tmp_path: Path) -> Path:
-    """The repo's pipeline outputs on the embedded sample with the oracle detector, linked under tmp_path."""
-    data = ROOT / "data"
-    needed = [data / "prepared" / f"{s}.parquet" for s in ("train", "dev", "test")]
-    needed += [ROOT / p for p in DEFAULT_PATHS.values()]
-    summary = data / "regions_summary.json"
-    if not all(p.is_file() for p in needed) or not summary.is_file():
-        pytest.skip("no pipeline outputs of the sample: run `dvc repro features`")
-    if json.loads(summary.read_text()).get("backend") != "oracle":
-        pytest.skip("data/regions.parquet is not from the oracle detector")
-    (tmp_path / "data").mkdir()
-    for name in ("prepared", "features", "regions.parquet"):
-        (tmp_path / "data" / name).symlink_to(data / name)
-    return tmp_path
-
-
+@pytest.mark.slow
 def test_on_the_sample_regions_lift_gmner_above_text_only(tmp_path, monkeypatch):
     """Test-split GMNER F1 (candidates protocol), seed 13, 6 epochs, for both grounded model families.
 
     Measured over seeds 13 / 14 / 15: text-only 43.5 / 42.9 / 40.3; grounded tagger 55.1 / 54.5 / 52.4, with
     regions off 40.3 / 45.1 / 39.9; index generation 51.9 / 52.9 / 52.7, with regions off 39.4 / 36.6 / 40.3.
     The largest seed-to-seed range is 5.2 points and the smallest gain over text-only 8.4, so the margin is 6."""
-    from gmner import evaluation, train_grounded, train_index, train_tagger
+    from gmner.evaluation import stage as evaluation
+    from gmner.training import grounded as train_grounded
+    from gmner.training import index as train_index
+    from gmner.training import tagger as train_tagger
 
-    root = _sample_root(tmp_path)
+    root = tmp_path
     monkeypatch.chdir(root)  # the grounded predictors read data/ relative to the working directory
-    params = load_params(ROOT / "params.yaml", ["base.seed=13", "train.epochs=6", "evaluate.splits=[test]",
-                                               "train_grounded.init=none"])
+    params = repo_params("base.seed=13", "train.epochs=6", "evaluate.splits=[test]", "train_grounded.init=none",
+                         "detect.backend=oracle")
+    # The pipeline's inputs of the trainers, built here as `dvc repro features` builds them.
+    generate_sample(params, root)
+    run_pipeline(params, root, ("detect", "synthesize", "features"))
 
     def test_gmner(model: str) -> dict:
         evaluation.run_stage(params, model, root)

@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from gmner.errors import DataError
-from gmner.grounding import (
+from gmner.core.errors import DataError
+from gmner.models.losses import grounding_loss, soft_labels
+from gmner.models.visual_store import (
     NO_IMAGE,
     NONE,
     ImageVisual,
@@ -16,8 +17,6 @@ from gmner.grounding import (
     collate_visual,
     feature_statistics,
     geometry,
-    grounding_loss,
-    soft_labels,
 )
 
 GOLD = np.array([[0, 0, 10, 10]], np.float32)

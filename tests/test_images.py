@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gmner.images import BadImage, load_image
+from gmner.core.images import BadImage, load_image
 
 
 def _kind(path, **kw) -> str:

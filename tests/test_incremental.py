@@ -1,38 +1,27 @@
 """Adding tweets re-runs the per-item vision stages on the new items only, with outputs identical to scratch.
 
-The protocol is benchmarks/bench_incremental.py's, at 24 sample tweets with 3 of them added.
+The protocol is gmner.incremental's (benchmarks/bench_incremental.py reports it on the sample), at 24 sample
+tweets with 3 of them added.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_incremental.py"
+from gmner.incremental import ALL_OUTPUTS, parquet_outputs, thin_dataset
 
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_incremental", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+from helpers import run_incremental
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     work = tmp_path_factory.mktemp("incremental")
     # Every 8th tweet of each split: 2 of train, 1 of dev; the empty test split stays empty.
-    exp = bench.run_experiment(bench.bench_params(), work, {"train": 16, "dev": 8, "test": 0}, every=8)
-    return exp, bench.parquet_outputs(work / "scratch", bench.ALL_OUTPUTS)
+    exp = run_incremental(work, {"train": 16, "dev": 8, "test": 0}, every=8)
+    return exp, parquet_outputs(work / "scratch", ALL_OUTPUTS)
 
 
 def _items(outputs: dict[str, bytes]) -> dict[tuple[str, str], set]:
@@ -92,7 +81,7 @@ def test_thin_dataset_drops_every_nth_tweet_of_each_split(tmp_path):
     (tmp_path / "a.txt").write_text(conll(range(1, 8)))
     (tmp_path / "b.txt").write_text(conll(range(10, 13)))
     (tmp_path / "c.txt").write_text("")
-    dropped = bench.thin_dataset(tmp_path, {"train": "a.txt", "dev": "b.txt", "test": "c.txt"}, every=3)
+    dropped = thin_dataset(tmp_path, {"train": "a.txt", "dev": "b.txt", "test": "c.txt"}, every=3)
     assert dropped == 3
     assert (tmp_path / "a.txt").read_text() == conll([1, 2, 4, 5, 7])
     assert (tmp_path / "b.txt").read_text() == conll([10, 11])

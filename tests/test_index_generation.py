@@ -2,18 +2,14 @@
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-from test_grounded_tagger import DIM, K, _tiny_dataset
 
-from gmner.grounding import DEFAULT_PATHS, VisualStore
-from gmner.index_generation import IndexGenerator
-from gmner.params import load_params, seed_everything
-from gmner.pointer_decoding import (
+from gmner.core.params import seed_everything
+from gmner.models.index_generation import IndexGenerator
+from gmner.models.pointer_decoding import (
     EOS,
     NO_REGION,
     Constraints,
@@ -25,11 +21,12 @@ from gmner.pointer_decoding import (
     greedy_decode,
     parse_sequence,
 )
-from gmner.predictor import load
-from gmner.train_index import IndexTrainingSet, build_model, run_stage
-from gmner.visual_tagger import VisualPredictor
+from gmner.models.predictor import load
+from gmner.models.visual_model import VisualPredictor
+from gmner.models.visual_store import VisualStore
+from gmner.training.index import IndexTrainingSet, build_model, run_stage
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import DIM, K, repo_params, tiny_dataset, write_splits, write_tables
 
 CFG = {"max_length": 32, "dropout": 0.0, "epochs": 1, "batch_size": 4, "lr": 1e-3, "head_lr": 1e-2,
        "weight_decay": 0.0, "warmup_ratio": 0.0, "max_grad_norm": 1.0}
@@ -103,7 +100,7 @@ def test_beam_of_one_is_greedy():
 
 
 def test_encoder_inputs_mask_missing_regions():
-    tweets, *tables = _tiny_dataset()
+    tweets, *tables = tiny_dataset()
     model = _model(tweets).eval()
     data = IndexTrainingSet(model, tweets, VisualStore(*tables, top_k=K))
     batch = data.batch([0, 1, 2, 3])  # no image, null features, two usable images
@@ -128,14 +125,9 @@ def test_encoder_inputs_mask_missing_regions():
     assert [e.region for e in batch["entities"][2]] == [0, None]
 
 
-def _write_tables(tables, root: Path) -> None:
-    for key, table in zip(DEFAULT_PATHS, tables):
-        (root / DEFAULT_PATHS[key]).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, root / DEFAULT_PATHS[key])
-
-
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_save_load_predicts_identically(tmp_path, monkeypatch):
-    tweets, *tables = _tiny_dataset()
+    tweets, *tables = tiny_dataset()
     store = VisualStore(*tables, top_k=K)
     model = _model(tweets)
     data = IndexTrainingSet(model, tweets, store)
@@ -152,7 +144,7 @@ def test_training_lowers_the_loss_and_save_load_predicts_identically(tmp_path, m
 
     model.save(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "model.json").read_text())["kind"] == "index_generation"
-    _write_tables(tables, tmp_path)
+    write_tables(tmp_path, tables)
     monkeypatch.chdir(tmp_path)  # the loaded predictor reads the tables relative to the working directory
     before = VisualPredictor(model.eval(), store).predict(tweets)
     loaded = load(tmp_path / "model")
@@ -168,13 +160,11 @@ def test_training_lowers_the_loss_and_save_load_predicts_identically(tmp_path, m
     assert [(e["start"], e["end"], e["type"], e["region"]) for e in beam[3]] == [(1, 3, "PER", 1), (4, 5, "LOC", None)]
 
 
+@pytest.mark.slow
 def test_stage_writes_the_model_and_its_summary(tmp_path):
-    tweets, *tables = _tiny_dataset()
-    for split in ("train", "dev"):
-        (tmp_path / "data" / "prepared").mkdir(parents=True, exist_ok=True)
-        pq.write_table(tweets, tmp_path / "data" / "prepared" / f"{split}.parquet")
-    _write_tables(tables, tmp_path)
-    params = load_params(ROOT / "params.yaml", ["train.epochs=1", "train.threads=0", "train.max_length=32"])
+    tweets, *tables = tiny_dataset()
+    write_tables(write_splits(tmp_path, {"train": tweets, "dev": tweets}), tables)
+    params = repo_params("train.epochs=1", "train.threads=0", "train.max_length=32")
     params["train_index"].update(GROUP)
     run_stage(params, tmp_path)
     summary = json.loads((tmp_path / "models" / "index" / "train_summary.json").read_text())

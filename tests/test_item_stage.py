@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 
-from gmner.cache import ItemCache, digest
-from gmner.errors import DataError
-from gmner.item_stage import ARRAYS, Item, ModelUnavailable, model_fingerprint, run_items
+from gmner.core.errors import DataError, ModelUnavailable
+from gmner.core.hashing import digest
+from gmner.core.model_refs import model_fingerprint
+from gmner.vision.cache import ItemCache
+from gmner.vision.runner import ARRAYS, Item, run_items
 
 
 class CountingCompute:
@@ -108,11 +110,11 @@ def test_fingerprint_tiny_depends_on_config_and_seed():
 
 
 def test_fingerprint_follows_library_versions(monkeypatch):
-    import gmner.item_stage as item_stage
+    import gmner.core.model_refs as model_refs
 
     before = model_fingerprint("tiny", config={"hidden": 8}, seed=1)
-    upgraded = {**item_stage._library_versions(), "torch": "99.0"}
-    monkeypatch.setattr(item_stage, "_library_versions", lambda: upgraded)
+    upgraded = {**model_refs._library_versions(), "torch": "99.0"}
+    monkeypatch.setattr(model_refs, "_library_versions", lambda: upgraded)
     assert model_fingerprint("tiny", config={"hidden": 8}, seed=1) != before
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from gmner.errors import DataError
-from gmner.jsonl_predict import predict_jsonl
+from gmner.core.errors import DataError
+from gmner.predict import predict_jsonl
 
 
 def write_lines(path, *lines):

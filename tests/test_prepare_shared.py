@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from gmner.params import load_params
-from gmner.prepare import prepare_configured_split
+from gmner.datasets.prepare import prepare_configured_split
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, repo_params
+
 DATA = REPO.parent / "shared" / "data" / "twitter10000_v2"
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
@@ -19,7 +17,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found 
     ("split", "tweets", "entities", "groundable"), [("train", 7000, 11779, 4733), ("dev", 1500, 2450, 991)]
 )
 def test_default_policy_counts(split, tweets, entities, groundable):
-    cfg = load_params(REPO / "params.yaml")["prepare"]
+    cfg = repo_params()["prepare"]
     table, summary = prepare_configured_split(cfg, DATA, split)
     assert (summary["tweets"], summary["entities"], summary["groundable_entities"]) == (tweets, entities, groundable)
     assert table.num_rows == tweets

@@ -5,21 +5,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from test_grounded_tagger import CFG, DIM, K, _tiny_dataset
 
-from gmner import schema
-from gmner.grounded_tagger import GroundedTagger
-from gmner.grounding import DEFAULT_PATHS, VisualStore, feature_statistics
-from gmner.params import seed_everything
-from gmner.pretrain import AlignmentSet, evaluate, fit, model_config, run_stage
-from gmner.pretrain_checkpoint import COMPONENTS, PretrainConfig, read_checkpoint
-from gmner.pretrain_model import AlignmentModel
-from gmner.text_encoder import load_text_encoder
-from gmner.train_grounded import build_grounded
-from gmner.train_grounded import run_stage as run_grounded
+from gmner.core import schema
+from gmner.core.params import seed_everything
+from gmner.models.grounded_tagger import GroundedTagger
+from gmner.models.text_encoder import load_text_encoder
+from gmner.models.visual_store import VisualStore, feature_statistics
+from gmner.pretrain.checkpoint import COMPONENTS, PretrainConfig, read_checkpoint
+from gmner.pretrain.model import AlignmentModel
+from gmner.training.grounded import build_grounded
+from gmner.training.grounded import run_stage as run_grounded
+from gmner.training.pretrain import AlignmentSet, evaluate, fit_alignment, model_config, run_stage
+
+from helpers import DIM, TINY_TRAIN, K, tiny_dataset, write_splits, write_tables
 
 N = 12
 IRRELEVANT = "5"  # the tweet whose original image the synthesize stage judged irrelevant
@@ -32,10 +32,10 @@ OWNER = {"tia": "reflection.", "eoa": "nce.eoa.", "global": "image.", "local": "
 
 
 def _tables() -> dict:
-    """``_tiny_dataset`` (tweet 0 without image, tweet 1 with null features) with a word telling the tweets
+    """``tiny_dataset`` (tweet 0 without image, tweet 1 with null features) with a word telling the tweets
     apart, plus the synthesize stage's table (an image per tweet, one per LOC entity, tweet 5 irrelevant) and
     the generated images' features; keyed as DEFAULT_PATHS, with the tweets under "tweets"."""
-    tweets, regions, region_features, image_features = _tiny_dataset(N)
+    tweets, regions, region_features, image_features = tiny_dataset(N)
     rows = tweets.to_pylist()
     for row in rows:
         row["tokens"] = ["RT", "Ann", "Lee", f"visit{row['tweet_id']}", "Oslo"]
@@ -66,7 +66,7 @@ def _store(tables: dict) -> VisualStore:
 def _model(tables: dict, **switches) -> tuple[AlignmentModel, AlignmentSet]:
     seed_everything(0)
     words = [w for tokens in tables["tweets"].column("tokens").to_pylist() for w in tokens]
-    encoder, tokenizer = load_text_encoder("tiny", CFG["tiny"], words)
+    encoder, tokenizer = load_text_encoder("tiny", TINY_TRAIN["tiny"], words)
     model = AlignmentModel(encoder, tokenizer, PretrainConfig(visual_dim=DIM, top_k=K, **{**HEAD, **switches}))
     data = AlignmentSet(model, tables["tweets"], _store(tables))
     model.set_feature_statistics(feature_statistics(data.visuals, DIM))
@@ -162,13 +162,14 @@ def test_a_tweet_without_image_contributes_no_image_loss():
         assert with_them[name].item() == pytest.approx(without[name].item(), rel=1e-5, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_a_few_epochs_lower_each_component():
     tables = _tables()
     model, data = _model(tables)
     before = evaluate(model, data, batch_size=4, seed=0)
-    result = fit(model, data, None, FIT, seed=0)
+    result = fit_alignment(model, data, None, FIT, seed=0)
     after = evaluate(model, data, batch_size=4, seed=0)
-    assert set(before) == {*COMPONENTS, "total", "tia_unweighted", "eoa_unweighted", "local_unweighted"}
+    assert set(before) == {*COMPONENTS, "loss", "tia_unweighted", "eoa_unweighted", "local_unweighted"}
     assert len(result["history"]) == FIT["epochs"]
     for name in before:
         assert after[name] < before[name], (name, before[name], after[name])
@@ -191,23 +192,20 @@ def test_checkpoint_round_trip_gives_the_same_losses(tmp_path):
 
 def _root(tmp_path: Path, tables: dict) -> Path:
     """A pipeline root with the tiny tables in place (the dev split = the train tweets)."""
-    paths = {**DEFAULT_PATHS, "train": "data/prepared/train.parquet", "dev": "data/prepared/dev.parquet"}
-    for key, table in {**tables, "train": tables["tweets"], "dev": tables["tweets"]}.items():
-        if key in paths:
-            (tmp_path / paths[key]).parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, tmp_path / paths[key])
-    return tmp_path
+    write_splits(tmp_path, {"train": tables["tweets"], "dev": tables["tweets"]})
+    return write_tables(tmp_path, {key: table for key, table in tables.items() if key != "tweets"})
 
 
 def _params(**pretrain) -> dict:
     return {
         "base": {"seed": 0, "device": "cpu"},
-        "train": dict(CFG, epochs=1),
-        "pretrain": {"top_k": K, **HEAD, **FIT, "epochs": 2, "threads": 1, **pretrain},
+        "train": dict(TINY_TRAIN, epochs=1, threads=1),
+        "pretrain": {"top_k": K, **HEAD, "fit": dict(FIT, epochs=2, threads=1), **pretrain},
         "train_grounded": {"top_k": K, "hidden": 8, "heads": 2},
     }
 
 
+@pytest.mark.slow
 def test_run_stage_writes_checkpoint_and_curves_and_keeps_the_old_one_on_failure(tmp_path, monkeypatch):
     root = _root(tmp_path, _tables())
     run_stage(_params(), root)
@@ -237,7 +235,7 @@ def test_run_stage_writes_checkpoint_and_curves_and_keeps_the_old_one_on_failure
 
 
 def test_params_are_checked():
-    with pytest.raises(ValueError, match="unknown params"):
+    with pytest.raises(ValueError, match="unknown param"):
         model_config({"tia": True, "epoch": 3}, DIM)
     with pytest.raises(ValueError, match="unknown components"):
         PretrainConfig(visual_dim=DIM, weights={"tia": 1.0, "align": 1.0})
@@ -245,6 +243,7 @@ def test_params_are_checked():
         PretrainConfig(visual_dim=DIM, connector={"text_dim": 8})
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_checkpoint_encoder_and_connector(tmp_path):
     tables = _tables()
     root = _root(tmp_path, tables)
@@ -277,7 +276,7 @@ def test_fine_tuning_starts_from_the_checkpoint_encoder_and_connector(tmp_path):
     assert loaded.visual_cfg.connector == pretrained.cfg.connector and loaded.head.visual.connector is not None
 
     # Another text encoder than the checkpoint's is refused.
-    other = {**params, "train": dict(params["train"], tiny=dict(CFG["tiny"], hidden_size=32))}
+    other = {**params, "train": dict(params["train"], tiny=dict(TINY_TRAIN["tiny"], hidden_size=32))}
     with pytest.raises(ValueError, match="rerun the pretrain stage"):
         build_grounded(other, root, tweets, store)
     with pytest.raises(FileNotFoundError, match="pretrain checkpoint"):

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from gmner.errors import DataError
-from gmner.prepare import prepare_split, run_stage
-from gmner.schema import TWEETS
+from gmner.core.errors import DataError
+from gmner.core.schema import TWEETS
+from gmner.datasets.prepare import prepare_split, run_stage
 
 TWEET_12 = "IMGID:12\nJohn\tB-PER\nSmith\tI-PER\nin\tO\nParis\tB-LOC\nwith\tO\nJohn\tB-PER\nSmith\tI-PER\n"
 TWEET_13 = "IMGID:13\nApple\tB-ORG\nrocks\tO\n"
@@ -92,6 +92,7 @@ def test_name_match_is_exact_and_case_sensitive(tmp_path):
     assert counts(summary) == {"skip:name_not_in_tweet": 2}
 
 
+@pytest.mark.slow
 def test_conll_mner_types_from_data(tmp_path):
     root = tmp_path / "twitter2017"
     (root / "images").mkdir(parents=True)
@@ -112,6 +113,7 @@ def test_conll_mner_types_from_data(tmp_path):
     assert (tmp_path / "prepared" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_deterministic_bytes(tmp_path):
     xml = voc(("John Smith", (1, 2, 30, 40)), ("Paris", (5, 5, 50, 50)))
     make_gmner(tmp_path / "data", TWEET_12 + "\n" + TWEET_13, {"12": xml}, {"12": (100, 80)})

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gmner import sample
-from gmner.bio import spans
-from gmner.sample import AMBIGUOUS, TYPES, generate, run_stage
+from gmner.core.bio import spans
+from gmner.datasets import sample
+from gmner.datasets.sample import AMBIGUOUS, TYPES, generate, run_stage
 
 SIZES = {"train": 70, "dev": 25, "test": 25}
 
@@ -196,6 +196,7 @@ def test_bad_arguments_fail_clearly(tmp_path, kwargs, message):
         generate(tmp_path / "sample", **args)
 
 
+@pytest.mark.slow
 def test_run_stage_writes_data_sample_and_prints_the_summary(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     run_stage({"sample": {"seed": 7, "train": 4, "dev": 2, "test": 2, "image_size": 64}})

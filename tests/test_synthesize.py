@@ -11,10 +11,11 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from vision_data import vision_params, write_prepared
 
-from gmner.schema import SYNTHESIZED
-from gmner.synthesize import item_seed, run_stage
+from gmner.core.schema import SYNTHESIZED
+from gmner.vision.synthesize import item_seed, run_stage
+
+from helpers import run_twice, vision_params, write_prepared
 
 
 def _rows(root: Path) -> dict:
@@ -23,14 +24,14 @@ def _rows(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def synthesized(tmp_path_factory):
+    """The stage run twice on the tiny prepared data: the tests reading it are slow."""
     root = tmp_path_factory.mktemp("synth")
     write_prepared(root)
-    first = run_stage(vision_params(), root)
-    first_bytes = (root / "data" / "synthesized.parquet").read_bytes()
-    second = run_stage(vision_params(), root)
-    return root, first, second, first_bytes
+    first, second, first_bytes = run_twice(run_stage, root, ["synthesized.parquet"])
+    return root, first, second, first_bytes["synthesized.parquet"]
 
 
+@pytest.mark.slow
 def test_one_row_per_tweet_with_generated_pngs(synthesized):
     root, first, _, _ = synthesized
     table = pq.read_table(root / "data" / "synthesized.parquet")
@@ -49,6 +50,7 @@ def test_one_row_per_tweet_with_generated_pngs(synthesized):
     assert first["prompts"] == 11 and first["generate"]["model_calls"] == 11
 
 
+@pytest.mark.slow
 def test_relevance_is_null_exactly_where_the_original_is_unusable(synthesized):
     root, first, _, _ = synthesized
     rows = _rows(root)
@@ -62,12 +64,14 @@ def test_relevance_is_null_exactly_where_the_original_is_unusable(synthesized):
     assert first["unscored"] == 3 and first["relevant"] + first["irrelevant"] == 4
 
 
+@pytest.mark.slow
 def test_rerun_makes_no_model_calls_and_identical_bytes(synthesized):
     root, _, second, first_bytes = synthesized
     assert second["model_calls"] == 0 and second["generate"]["cache_hits"] == 11
     assert (root / "data" / "synthesized.parquet").read_bytes() == first_bytes
 
 
+@pytest.mark.slow
 def test_adding_tweets_costs_their_prompts_and_ends_equal_to_a_scratch_run(synthesized, tmp_path):
     root, _, _, first_bytes = synthesized
     write_prepared(tmp_path)
@@ -85,6 +89,7 @@ def test_adding_tweets_costs_their_prompts_and_ends_equal_to_a_scratch_run(synth
         assert (tmp_path / row["image_path"]).read_bytes() == (root / row["image_path"]).read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("theta, expected", [(-1.0, True), (1.1, False)])
 def test_relevance_flag_follows_theta_without_model_calls(synthesized, tmp_path, theta, expected):
     root, *_ = synthesized
@@ -95,6 +100,7 @@ def test_relevance_flag_follows_theta_without_model_calls(synthesized, tmp_path,
     assert flags == [expected] * 4
 
 
+@pytest.mark.slow
 def test_deleted_png_is_restored_from_the_cache(synthesized, tmp_path):
     root, *_ = synthesized
     shutil.copytree(root, tmp_path / "copy")
@@ -105,6 +111,7 @@ def test_deleted_png_is_restored_from_the_cache(synthesized, tmp_path):
     assert png.read_bytes() == original
 
 
+@pytest.mark.slow
 def test_seed_and_entity_param_change_the_work(synthesized, tmp_path):
     root, *_ = synthesized
     shutil.copytree(root, tmp_path / "copy")
@@ -127,8 +134,8 @@ _SHARDED = """
 import sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from vision_data import vision_params
-from gmner.synthesize import run_stage
+from helpers import vision_params
+from gmner.vision.synthesize import run_stage
 run_stage(vision_params(), Path(sys.argv[1]))
 """
 

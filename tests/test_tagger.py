@@ -12,15 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gmner import predictor, schema
-from gmner.atomic import atomic_dir
-from gmner.bio import spans
-from gmner.errors import DataError
-from gmner.tagger import CRFTagger, build_labels
-from gmner.text_encoder import load_text_encoder
-from gmner.train_tagger import param_groups, run_stage
+from gmner.core import schema
+from gmner.core.atomic import atomic_dir
+from gmner.core.bio import spans
+from gmner.core.errors import DataError
+from gmner.models import predictor
+from gmner.models.tagger import CRFTagger, build_labels
+from gmner.models.text_encoder import load_text_encoder
+from gmner.training.loop import param_groups
+from gmner.training.tagger import run_stage
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+from helpers import TINY, write_splits
 
 NAMES = {
     "PER": [["Obama"], ["Taylor", "Swift"], ["Messi"], ["Angela", "Merkel"]],
@@ -65,14 +67,12 @@ def params(**train) -> dict:
 
 
 def prepared_root(root):
-    (root / "data" / "prepared").mkdir(parents=True)
-    pq.write_table(synthetic_tweets(40, 1, "train"), root / "data" / "prepared" / "train.parquet")
-    pq.write_table(synthetic_tweets(16, 2, "dev"), root / "data" / "prepared" / "dev.parquet")
-    return root
+    return write_splits(root, {"train": synthetic_tweets(40, 1, "train"), "dev": synthetic_tweets(16, 2, "dev")})
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """A root after a whole train stage (8 epochs): the tests reading it are slow."""
     torch.set_num_threads(1)
     root = prepared_root(tmp_path_factory.mktemp("trained"))
     run_stage(params(), root)
@@ -91,16 +91,17 @@ def test_labels_come_from_the_data():
     assert build_labels([["O", "B-ZOO", "I-ZOO"], ["B-AAA"]]) == ["O", "B-AAA", "I-AAA", "B-ZOO", "I-ZOO"]
 
 
+@pytest.mark.slow
 def test_training_lowers_loss_and_learns_the_pattern(trained):
     summary = json.loads((trained / "models" / "tagger" / "train_summary.json").read_text())
-    losses = [row["loss"] for row in summary["history"]]
+    losses = [row["train/loss"] for row in summary["history"]]
     assert losses[-1] < 0.5 * losses[0]
     assert summary["best_dev_mner_f1"] > 60
-    assert summary["best_dev_mner_f1"] == max(row["dev_f1"] for row in summary["history"])
+    assert summary["best_dev_mner_f1"] == max(row["dev/mner_f1"] for row in summary["history"])
     assert summary["alignment"]["train"] == {"truncated_words": 0, "empty_words": 0}
     # Encoder and head learning rates decay to zero separately, head starting 10x higher.
-    assert summary["history"][0]["lr_head"] == pytest.approx(10 * summary["history"][0]["lr_encoder"])
-    assert summary["history"][-1]["lr_encoder"] == 0.0
+    assert summary["history"][0]["train/lr_head"] == pytest.approx(10 * summary["history"][0]["train/lr_encoder"])
+    assert summary["history"][-1]["train/lr_encoder"] == 0.0
     metrics = json.loads((trained / "dvclive" / "tagger" / "metrics.json").read_text())
     assert set(metrics) == {"train", "dev", "step", "best_epoch", "best_dev_mner_f1"} and metrics["step"] == 7
     assert metrics["best_dev_mner_f1"] == summary["best_dev_mner_f1"]
@@ -108,6 +109,7 @@ def test_training_lowers_loss_and_learns_the_pattern(trained):
     assert sorted(p.name for p in (trained / "models").iterdir()) == ["tagger"]  # no temp folder left
 
 
+@pytest.mark.slow
 def test_predictor_returns_the_schema_with_no_regions(trained):
     dev = pq.read_table(trained / "data" / "prepared" / "dev.parquet")
     pred = predictor.load(trained / "models" / "tagger").predict(dev)
@@ -117,6 +119,7 @@ def test_predictor_returns_the_schema_with_no_regions(trained):
     assert entities and all(e["region"] is None and e["box"] is None for e in entities)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_predictions(trained, tmp_path):
     run_stage(params(), prepared_root(tmp_path))
     dev = pq.read_table(trained / "data" / "prepared" / "dev.parquet")
@@ -124,7 +127,7 @@ def test_same_seed_gives_identical_predictions(trained, tmp_path):
     second = predictor.load(tmp_path / "models" / "tagger").predict(dev)
     assert first.equals(second)
     summaries = [json.loads((r / "models" / "tagger" / "train_summary.json").read_text()) for r in (trained, tmp_path)]
-    assert [h["loss"] for h in summaries[0]["history"]] == [h["loss"] for h in summaries[1]["history"]]
+    assert [h["train/loss"] for h in summaries[0]["history"]] == [h["train/loss"] for h in summaries[1]["history"]]
 
 
 def test_save_load_round_trip_predicts_identically(tmp_path):
@@ -173,7 +176,7 @@ def test_context_is_appended_after_the_tweet_in_the_room_left_and_never_tagged()
 def test_truncated_and_empty_words_are_counted_and_tagged_o(caplog):
     tagger = untrained_tagger(max_length=8)  # [CLS] + 6 subwords + [SEP]
     tweets = [["Obama", "visited", "Paris"], ["Obama", "\x07", "visited"] + ["Paris"] * 7]
-    with caplog.at_level(logging.WARNING, logger="gmner.tagger"):
+    with caplog.at_level(logging.WARNING, logger="gmner.models.tagger"):
         encoded, stats = tagger.encode(tweets)
     assert (stats.truncated_words, stats.empty_words) == (3, 1)
     assert encoded[1].word_idx == [0, 2, 3, 4, 5, 6] and "3 words beyond max_length=8" in caplog.text

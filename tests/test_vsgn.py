@@ -1,85 +1,40 @@
 """The VSGN tagger: masks, the text path without an image, gradients, ablations, save / load, the stage."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gmner import schema
-from gmner.grounding import DEFAULT_PATHS, VisualStore
-from gmner.params import load_params, seed_everything
-from gmner.predictor import TaggerPredictor
-from gmner.tagger import CRFTagger
-from gmner.train_tagger import build_crf_tagger, fit
-from gmner.train_visual import VisualTrainingSet, dev_score
-from gmner.train_vsgn import run_stage, vsgn_config
-from gmner.visual_tagger import VisualPredictor
-from gmner.vsgn import VSGNConfig, VSGNTagger, load_predictor
+from gmner.models.predictor import TaggerPredictor
+from gmner.models.tagger import CRFTagger
+from gmner.models.visual_model import VisualPredictor
+from gmner.models.visual_store import VisualStore
+from gmner.models.vsgn import VSGNConfig, VSGNTagger, load_predictor
+from gmner.training.tagger import fit_tagger
+from gmner.training.visual import VisualTrainingSet, dev_score
+from gmner.training.vsgn import run_stage, vsgn_config
 
-ROOT = Path(__file__).resolve().parents[1]
-DIM, PATCH_DIM, PATCHES, K = 4, 6, 5, 3
-CFG = {
-    "encoder": "tiny",
-    "tiny": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-    "max_length": 32, "dropout": 0.0, "epochs": 1, "batch_size": 4, "lr": 1e-3, "head_lr": 1e-2,
-    "weight_decay": 0.01, "warmup_ratio": 0.1, "max_grad_norm": 1.0,
-}
+from helpers import (
+    DIM,
+    PATCH_DIM,
+    PATCHES,
+    TINY_TRAIN,
+    K,
+    repo_params,
+    seeded_tagger,
+    tiny_vsgn_dataset,
+    write_splits,
+    write_tables,
+)
+
+TRAIN = dict(TINY_TRAIN, epochs=1)
 GROUP = {"top_k": K, "patches": True, "captions": True, "vsg": True, "fusion": "cir", "graph_top_k": 2,
          "graph_layers": 1, "local_window": 3, "lambda_align": 0.5, "hidden": 8, "heads": 2, "cir_momentum": 0.1}
-TABLES = ("regions", "region_features", "image_features", "captions")
-
-
-def _tiny_dataset(n: int = 8, split: str = "train"):
-    """Tweets naming a PER and a LOC; tweet 0 has no image, the image of tweet 1 has null features (and no
-    caption), tweet 2's image no patch tokens. Returns (tweets, regions, region / image features, captions)."""
-    rng = np.random.default_rng(0)
-    tweets, regions, region_features, image_features, captions = [], [], [], [], []
-    for i in range(n):
-        sha = None if i == 0 else f"sha{i}"
-        tweets.append({
-            "tweet_id": str(i), "split": split, "source": "t", "image_id": str(i), "image_path": f"{i}.jpg",
-            "image_sha256": sha, "width": 40 if sha else None, "height": 40 if sha else None,
-            "tokens": ["RT", "Ann", "Lee", "visits", "Oslo"][: 5 - i % 2],
-            "tags": ["O", "B-PER", "I-PER", "O", "B-LOC"][: 5 - i % 2],
-            "entities": [{"start": 1, "end": 3, "type": "PER", "text": "Ann Lee", "boxes": []}]
-            + ([{"start": 4, "end": 5, "type": "LOC", "text": "Oslo", "boxes": []}] if i % 2 == 0 else []),
-        })
-        if sha is None:
-            continue
-        null = i == 1
-        regions.append({"image_sha256": sha, "boxes": [[0, 0, 10, 10], [20, 0, 30, 10], [0, 20, 10, 30]],
-                        "scores": [0.9, 0.5, 0.1], "labels": ["o"] * K})
-        region_features.append({"image_sha256": sha, "skip_reason": "corrupt_image" if null else None,
-                                "embeddings": None if null else rng.normal(size=(K, DIM)).tolist()})
-        image_features.append({
-            "image_sha256": sha, "skip_reason": "corrupt_image" if null else None,
-            "embedding": None if null else rng.normal(size=DIM).tolist(),
-            "patch_tokens": None if null or i == 2 else rng.normal(size=(PATCHES, PATCH_DIM)).tolist(),
-        })
-        captions.append({"image_sha256": sha, "caption": None if null else f"a man in {'red' if i % 2 else 'the'} city",
-                         "skip_reason": "corrupt_image" if null else None})
-    vec = pa.list_(pa.float32(), DIM)
-    return (
-        pa.Table.from_pylist(tweets, schema=schema.TWEETS),
-        pa.Table.from_pylist(regions, schema=schema.REGIONS),
-        pa.Table.from_pylist(region_features, schema=pa.schema(
-            [("image_sha256", pa.string()), ("embeddings", pa.list_(vec)), ("skip_reason", pa.string())])),
-        pa.Table.from_pylist(image_features, schema=pa.schema([
-            ("image_sha256", pa.string()), ("embedding", vec),
-            ("patch_tokens", pa.list_(pa.list_(pa.float32(), PATCH_DIM), PATCHES)), ("skip_reason", pa.string())])),
-        pa.Table.from_pylist(captions, schema=pa.schema(
-            [("image_sha256", pa.string()), ("caption", pa.string()), ("skip_reason", pa.string())])),
-    )
 
 
 def _model(tweets: pa.Table, **changes) -> VSGNTagger:
-    seed_everything(0)
-    cfg = vsgn_config({**GROUP, **changes}, DIM, PATCH_DIM)
-    return build_crf_tagger(CFG, tweets, VSGNTagger, visual=cfg)
+    return seeded_tagger(tweets, VSGNTagger, TRAIN, visual=vsgn_config({**GROUP, **changes}, DIM, PATCH_DIM))
 
 
 def _store(tables, model: VSGNTagger) -> VisualStore:
@@ -88,7 +43,7 @@ def _store(tables, model: VSGNTagger) -> VisualStore:
 
 
 def _data(**changes):
-    tweets, *tables = _tiny_dataset()
+    tweets, *tables = tiny_vsgn_dataset()
     model = _model(tweets, **changes)
     data = VisualTrainingSet(model, tweets, _store(tables, model))
     model.fit_feature_statistics(data.visuals)
@@ -102,7 +57,7 @@ def test_config_checks_and_extras():
         VSGNConfig(visual_dim=4)
     with pytest.raises(ValueError, match="fusion must be one of"):
         VSGNConfig(visual_dim=4, patch_dim=6, fusion="max")
-    with pytest.raises(ValueError, match="unknown params"):
+    with pytest.raises(ValueError, match="unknown param"):
         vsgn_config({**GROUP, "graph_topk": 5}, DIM, PATCH_DIM)
     assert vsgn_config({**GROUP, "patches": False, "vsg": False}, DIM, PATCH_DIM).patch_dim is None
 
@@ -152,8 +107,8 @@ def test_a_tweet_without_image_takes_exactly_the_text_taggers_path():
     states, align = model.visual_states(batch)
     assert align.item() == 0
     assert torch.equal(model.emissions(batch, states), text.emissions(text.collate([data.encoded[0]])))
-    tweets = _tiny_dataset()[0].slice(0, 1)
-    store = _store(_tiny_dataset()[1:], model)
+    tweets = tiny_vsgn_dataset()[0].slice(0, 1)
+    store = _store(tiny_vsgn_dataset()[1:], model)
     assert VisualPredictor(model, store).predict(tweets).equals(TaggerPredictor(text).predict(tweets))
     # With an image the visual side does change the emissions.
     with_image = data.batch([3])
@@ -161,21 +116,20 @@ def test_a_tweet_without_image_takes_exactly_the_text_taggers_path():
                            text.emissions(text.collate([data.encoded[3]])))
 
 
+@pytest.mark.slow
 def test_on_data_without_images_training_is_the_text_taggers():
     """Same seed and dropout: the VSGN trains like CRFTagger (same random draws), up to float rounding."""
-    tweets, *tables = _tiny_dataset()
+    tweets, *tables = tiny_vsgn_dataset()
     tweets = tweets.set_column(tweets.schema.get_field_index("image_sha256"), "image_sha256",
                                pa.nulls(tweets.num_rows, pa.string()))
-    cfg = {**CFG, "dropout": 0.3, "epochs": 2}
-    seed_everything(0)
-    text = build_crf_tagger(cfg, tweets, CRFTagger)
-    fit(text, tweets, tweets, cfg, seed=0)
-    seed_everything(0)
-    model = build_crf_tagger(cfg, tweets, VSGNTagger, visual=vsgn_config(GROUP, DIM, PATCH_DIM))
+    cfg = {**TRAIN, "dropout": 0.3, "epochs": 2}
+    text = seeded_tagger(tweets, CRFTagger, cfg)
+    fit_tagger(text, tweets, tweets, cfg, seed=0)
+    model = seeded_tagger(tweets, VSGNTagger, cfg, visual=vsgn_config(GROUP, DIM, PATCH_DIM))
     store = _store(tables, model)
     data = VisualTrainingSet(model, tweets, store)
     model.fit_feature_statistics(data.visuals)
-    fit(model, data, tweets, cfg, seed=0, dev_score=dev_score(VisualPredictor(model, store), tweets, "mner"))
+    fit_tagger(model, data, tweets, cfg, seed=0, dev_eval=dev_score(VisualPredictor(model, store), tweets, "mner"))
     model.eval(), text.eval()
     batch = data.batch(range(8))
     torch.testing.assert_close(model.emissions(batch, model.visual_states(batch)[0]),
@@ -220,8 +174,8 @@ def test_each_ablation_builds_and_trains_a_step(changes):
 
 def test_save_load_round_trip_predicts_identically(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the loaded predictor reads the tables relative to the working directory
-    tweets, *tables = _tiny_dataset()
-    _write_tables(tables, tmp_path)
+    tweets, *tables = tiny_vsgn_dataset()
+    write_tables(tmp_path, tables)
     model = _model(tweets)
     data = VisualTrainingSet(model, tweets, _store(tables, model))
     model.fit_feature_statistics(data.visuals)
@@ -241,21 +195,13 @@ def test_save_load_round_trip_predicts_identically(tmp_path, monkeypatch):
     assert loaded.counts["no_image"] == 1 and loaded.counts["patches_missing"] == 2
 
 
-def _write_tables(tables, root: Path) -> None:
-    for key, table in zip(TABLES, tables):
-        path = root / DEFAULT_PATHS[key]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
-
-
+@pytest.mark.slow
 def test_stage_writes_the_model_and_the_live_log(tmp_path):
-    (tmp_path / "data" / "prepared").mkdir(parents=True)
-    for split in ("train", "dev"):
-        tweets, *tables = _tiny_dataset(split=split)
-        pq.write_table(tweets, tmp_path / "data" / "prepared" / f"{split}.parquet")
-    _write_tables(tables, tmp_path)
-    params = load_params(ROOT / "params.yaml", ["base.seed=0"])
-    params["train"] = {**params["train"], **CFG, "threads": 0}
+    splits = {split: tiny_vsgn_dataset(split=split) for split in ("train", "dev")}
+    write_splits(tmp_path, {split: tweets for split, (tweets, *_) in splits.items()})
+    write_tables(tmp_path, splits["dev"][1:])
+    params = repo_params("base.seed=0")
+    params["train"] = {**params["train"], **TRAIN, "threads": 0}
     params["train_vsgn"] = {**GROUP, "fit": {"epochs": 2}}
     run_stage(params, tmp_path)
     model_dir = tmp_path / "models" / "vsgn"

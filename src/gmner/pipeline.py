@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+BASE_PARAMS = ("seed", "device", "data_root", "cache_root")  # the shared `base` group every stage reads from
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -27,15 +29,29 @@ STAGES = {
     "prepare": Stage("gmner.datasets.prepare", "Read a dataset folder into data/prepared/<split>.parquet."),
     "detect": Stage("gmner.vision.detect", "Detect top-K candidate regions per image into data/regions.parquet."),
     "caption": Stage("gmner.vision.caption", "Caption every image with BLIP into data/captions.parquet."),
-    "synthesize": Stage("gmner.vision.synthesize", "Generate images from tweet text and score the originals' relevance."),
+    "synthesize": Stage(
+        "gmner.vision.synthesize", "Generate images from tweet text and score the originals' relevance."
+    ),
     "features": Stage("gmner.vision.features", "Embed images, regions, generated images and text into data/features/."),
     "train": Stage("gmner.training.tagger", "Train the transformer + CRF text tagger into models/tagger."),
-    "pretrain": Stage("gmner.training.pretrain", "Pre-train the text encoder and region connector (DLRAM, VTC): models/pretrain."),
-    "train_grounded": Stage("gmner.training.grounded", "Train the CRF tagger with a grounding head into models/grounded."),
-    "train_index": Stage("gmner.training.index", "Train the BART index-generation model (H-Index style) into models/index."),
-    "train_vsgn": Stage("gmner.training.vsgn", "Train the VSGN MNER model (subword / patch graphs, CIR) into models/vsgn."),
-    "train_bga": Stage("gmner.training.bga", "Train BGA-MNER (generative alignment, text-only inference) into models/bga."),
-    "evaluate": Stage("gmner.evaluation.stage", "Predict the prepared splits with models/<model>; write metrics/<model>.json."),
+    "pretrain": Stage(
+        "gmner.training.pretrain", "Pre-train the text encoder and region connector (DLRAM, VTC): models/pretrain."
+    ),
+    "train_grounded": Stage(
+        "gmner.training.grounded", "Train the CRF tagger with a grounding head into models/grounded."
+    ),
+    "train_index": Stage(
+        "gmner.training.index", "Train the BART index-generation model (H-Index style) into models/index."
+    ),
+    "train_vsgn": Stage(
+        "gmner.training.vsgn", "Train the VSGN MNER model (subword / patch graphs, CIR) into models/vsgn."
+    ),
+    "train_bga": Stage(
+        "gmner.training.bga", "Train BGA-MNER (generative alignment, text-only inference) into models/bga."
+    ),
+    "evaluate": Stage(
+        "gmner.evaluation.stage", "Predict the prepared splits with models/<model>; write metrics/<model>.json."
+    ),
 }
 
 
@@ -46,10 +62,11 @@ def configure_logging() -> None:
 def run(name: str, params_path: str | Path = "params.yaml", overrides: list[str] | None = None, **options) -> None:
     """Run stage ``name`` with params.yaml at ``params_path`` and ``overrides``; ``options`` go to its
     ``run_stage`` (evaluate's ``model``)."""
-    from gmner.core.params import load_params
+    from gmner.core.params import check_keys, load_params
 
     configure_logging()
     params = load_params(params_path, overrides)
+    check_keys("base", params.get("base", {}), BASE_PARAMS)
     importlib.import_module(STAGES[name].module).run_stage(params, **options)
 
 

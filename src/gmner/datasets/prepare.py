@@ -24,8 +24,13 @@ from gmner.core import bio
 from gmner.core.atomic import write_json, write_parquet
 from gmner.core.errors import DataError, Policy, checked_actions
 from gmner.core.images import image_info
+from gmner.core.params import check_keys
 from gmner.core.schema import TWEETS
 from gmner.datasets.readers import box_problem, clip_box, read_conll, read_voc
+
+PARAMS = (  # the keys of the `prepare` params group
+    "format", "files", "images_dir", "xml_dir", "image_ext", "types", "box_tolerance", "policy",
+)
 
 FORMATS = ("twitter-gmner", "conll-mner")
 
@@ -128,6 +133,7 @@ def prepare_configured_split(cfg: Mapping, data_root: Path, split: str) -> tuple
 def run_stage(params: dict, out_dir: str | os.PathLike = "data/prepared") -> None:
     """Prepare every split named in ``params["prepare"]["files"]`` under ``base.data_root``."""
     cfg, root = params["prepare"], Path(params["base"]["data_root"])
+    check_keys("prepare", cfg, PARAMS)
     if cfg["format"] not in FORMATS:
         raise ValueError(f"prepare.format: {cfg['format']!r} is not one of {', '.join(FORMATS)}")
     if not root.is_dir():

@@ -49,6 +49,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from gmner.core.atomic import atomic_dir
 from gmner.core.bio import tags_from_spans
+from gmner.core.params import check_keys
+
+PARAMS = ("seed", "train", "dev", "test", "image_size")  # the keys of the `sample` params group
 
 SAMPLE_DIR = Path("data/sample")
 TYPES = ("PER", "LOC", "ORG", "OTHER")
@@ -630,6 +633,7 @@ def generate(out_dir: Path, *, seed: int, sizes: dict[str, int], image_size: int
 def run_stage(params: dict) -> None:
     """DVC stage ``sample``: generate data/sample/ from the ``sample`` params and print the summary."""
     p = params["sample"]
+    check_keys("sample", p, PARAMS)
     sizes = {split: int(p[split]) for split in ("train", "dev", "test")}
     summary = generate(SAMPLE_DIR, seed=int(p["seed"]), sizes=sizes, image_size=int(p["image_size"]))
     print(json.dumps(summary, indent=2))

@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 from gmner.core import schema
 from gmner.core.atomic import write_json, write_parquet, write_text
 from gmner.core.errors import DataError
-from gmner.core.params import resolve_device, seed_everything
+from gmner.core.params import check_keys, resolve_device, seed_everything
 from gmner.evaluation.reports import metrics_markdown
 from gmner.evaluation.scoring import headline, score
 from gmner.models.predictor import load
+
+PARAMS = ("splits", "iou_threshold", "regions")  # the keys of the `evaluate` params group
 
 
 def _checked_predictions(predictions: pa.Table, tweets: pa.Table, model: str, split: str) -> pa.Table:
@@ -36,6 +38,7 @@ def run_stage(params: dict, model: str = "tagger", root: str | Path = ".") -> No
     """
     root = Path(root)
     cfg = params["evaluate"]
+    check_keys("evaluate", cfg, PARAMS)
     prepared = root / "data" / "prepared"
     splits = {}
     for split in cfg["splits"]:

@@ -265,7 +265,7 @@ class BGATagger(VisualModel, CRFTagger):
         self.sampler = ContextSampler(self.visual_cfg.stage_epochs, self.visual_cfg.thresholds)
 
     def fit_feature_statistics(self, visuals: Sequence[ImageVisual]) -> None:
-        """Region and image statistics as gmner.models.visual_store computes them, and the CLIP text embeddings' alike."""
+        """Region and image statistics as gmner.models.visual_store computes them; the CLIP text embeddings alike."""
         dim = self.visual_cfg.visual_dim
         stats = feature_statistics(visuals, dim)
         texts = np.asarray([v.text for v in visuals if v.text is not None], np.float32).reshape(-1, dim)

@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-EOS, NO_REGION, FIRST_TYPE = 0, 1, 2  # NO_REGION: the symbol of "none" (gmner.models.visual_store.NONE is its option index)
+EOS, NO_REGION, FIRST_TYPE = 0, 1, 2  # NO_REGION: the symbol of "none" (visual_store.NONE is its option index)
 BOS = -1  # the decoder's first input; never an output (the model embeds it separately)
 SYMBOLS_PER_ENTITY = 4
 

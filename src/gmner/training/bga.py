@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from gmner.core.params import check_keys, fit_params
+from gmner.core.params import check_keys
 from gmner.models.bga import BGAConfig, BGATagger
 from gmner.models.visual_store import VisualStore
 from gmner.training.tagger import build_crf_tagger
-from gmner.training.visual import VisualTrainingSet, train_stage
+from gmner.training.visual import VisualRun, VisualTrainingSet
 
 NAME = "bga"
 MODEL_PARAMS = tuple(field for field in BGAConfig.__dataclass_fields__ if field != "visual_dim")
@@ -46,11 +46,7 @@ def bga_config(group: dict, visual_dim: int) -> BGAConfig:
 def run_stage(params: dict, root: str | Path = ".") -> None:
     """Train on data/prepared/{train,dev}.parquet under ``root``; write models/bga and dvclive/bga."""
     group = params["train_bga"]
-    cfg = fit_params(params, "train_bga")
     reads = bga_config(group, 1)  # what training reads; the feature size comes from the store
-
-    def build(train: pa.Table, store: VisualStore) -> BGATagger:
-        return build_crf_tagger(cfg, train, BGATagger, visual=bga_config(group, store.dim))
-
-    train_stage(params, root, NAME, "train_bga", build,
-                lambda paths: VisualStore.read(paths, reads.top_k, reads.extras), "mner", BGATrainingSet)
+    run = VisualRun.start(params, root, "train_bga", reads.top_k, reads.extras)
+    model = build_crf_tagger(run.cfg, run.train, BGATagger, visual=bga_config(group, run.store.dim))
+    run.finish(model.to(run.device), NAME, "mner", BGATrainingSet)

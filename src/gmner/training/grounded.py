@@ -26,7 +26,7 @@ from gmner.models.grounded_tagger import GroundedModel, GroundedTagger, Groundin
 from gmner.models.visual_store import NONE, VisualStore
 from gmner.pretrain.checkpoint import PretrainCheckpoint, connector_settings, encoder_spec, read_checkpoint
 from gmner.training.tagger import build_crf_tagger
-from gmner.training.visual import VisualTrainingSet, train_stage
+from gmner.training.visual import VisualRun, VisualTrainingSet
 
 HEAD_PARAMS = tuple(field for field in GroundingConfig.__dataclass_fields__ if field not in ("visual_dim", "connector"))
 STAGE_PARAMS = ("fit", "init", "connector")  # optimiser overrides, where the model starts, the connector switch
@@ -97,12 +97,7 @@ def build_grounded(params: dict, root: Path, train: pa.Table, store: VisualStore
 
 def run_stage(params: dict, root: str | Path = ".", name: str = "grounded") -> None:
     """Train on data/prepared/{train,dev}.parquet under ``root``; write models/<name> and dvclive/<name>."""
-    root = Path(root)
     group = params["train_grounded"]
-    extras = grounding_config(group, 1).extras
-
-    def build(train: pa.Table, store: VisualStore) -> GroundedTagger:
-        return build_grounded(params, root, train, store)
-
-    train_stage(params, root, name, "train_grounded", build,
-                lambda paths: VisualStore.read(paths, group["top_k"], extras), "gmner", GroundedTrainingSet)
+    run = VisualRun.start(params, root, "train_grounded", group["top_k"], grounding_config(group, 1).extras)
+    model = build_grounded(params, run.root, run.train, run.store).to(run.device)
+    run.finish(model, name, "gmner", GroundedTrainingSet)

@@ -14,12 +14,12 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from gmner.core.params import check_keys, fit_params
+from gmner.core.params import check_keys
 from gmner.models.index_generation import IndexConfig, IndexGenerator, build_bart
 from gmner.models.tagger import build_labels
 from gmner.models.visual_store import VisualStore
 from gmner.training.grounded import GroundedTrainingSet
-from gmner.training.visual import train_stage
+from gmner.training.visual import VisualRun
 
 MODEL_PARAMS = ("model", "tiny", "fit")  # the rest of the group are IndexConfig fields
 NAME = "index"
@@ -62,7 +62,6 @@ def index_config(group: dict, visual_dim: int) -> IndexConfig:
 def run_stage(params: dict, root: str | Path = ".") -> None:
     """Train on data/prepared/{train,dev}.parquet under ``root``; write models/index and dvclive/index."""
     group = params["train_index"]
-    cfg = fit_params(params, "train_index")
-    extras = index_config(group, 1).extras
-    train_stage(params, root, NAME, "train_index", lambda train, store: build_model(cfg, group, train, store.dim),
-                lambda paths: VisualStore.read(paths, group["top_k"], extras), "gmner", IndexTrainingSet)
+    run = VisualRun.start(params, root, "train_index", group["top_k"], index_config(group, 1).extras)
+    model = build_model(run.cfg, group, run.train, run.store.dim).to(run.device)
+    run.finish(model, NAME, "gmner", IndexTrainingSet)

@@ -1,14 +1,16 @@
 """Training any visual model (gmner.models.visual_model): its training set, the dev score that selects the epoch,
-and the train stage around ``fit`` that the ``train_*`` stages of the visual models share."""
+and ``VisualRun``, the start and finish that the ``train_*`` stages of the visual models share."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pyarrow as pa
+import torch
 
 from gmner.core.params import fit_params
 from gmner.evaluation.scoring import score
@@ -45,29 +47,42 @@ def dev_score(predictor: VisualPredictor, dev: pa.Table, task: str, regions: pa.
     return dev_metric(f"{task}_f1", compute)
 
 
-def train_stage(
-    params: dict,
-    root: str | Path,
-    name: str,
-    group: str,
-    build: Callable[[pa.Table, VisualStore], VisualModel],
-    read_store: Callable[[dict], VisualStore],
-    task: str,
-    training_set: type[VisualTrainingSet] = VisualTrainingSet,
-) -> None:
-    """Train a visual model on data/prepared/{train,dev}.parquet under ``root`` with the optimiser params of
-    params group ``group``; write models/<name> and dvclive/<name>. ``build(train, store)`` makes the fresh model,
-    ``read_store(paths)`` the store it reads; epochs are selected on dev ``task`` F1."""
-    root = Path(root)
-    cfg, seed = fit_params(params, group), params["base"]["seed"]
-    train, dev = read_train_dev(root)
-    store = read_store({key: root / path for key, path in DEFAULT_PATHS.items()})
-    started = time.perf_counter()
-    device = start_run(seed, params["base"]["device"], cfg.get("threads"))
-    model = build(train, store).to(device)
-    data = training_set(model, train, store)
-    model.fit_feature_statistics(data.visuals)
-    summary = {"train_visual": dict(data.coverage), "dev_visual": dict(store.lookup_table(dev)[1]), **data.summary}
-    log.info("%s: %s", name, summary)
-    score_dev = dev_score(VisualPredictor(model, store), dev, task, store.regions if task == "gmner" else None)
-    train_and_save(model, data, dev, cfg, seed, root, name, started, score_dev, summary)
+@dataclass
+class VisualRun:
+    """A visual model's train stage: ``start`` reads the prepared splits and the visual store, then runs the
+    loop's prologue (threads, seed, device); the stage builds its model on ``device`` and hands it to
+    ``finish``, which trains it and writes models/<name> and dvclive/<name>."""
+
+    params: dict
+    root: Path
+    group: str  # the params group, whose ``fit`` overrides the shared optimiser params
+    cfg: dict
+    train: pa.Table
+    dev: pa.Table
+    store: VisualStore
+    device: torch.device
+    started: float
+
+    @classmethod
+    def start(cls, params: dict, root: str | Path, group: str, top_k: int, extras: Sequence[str]) -> VisualRun:
+        root = Path(root)
+        cfg = fit_params(params, group)
+        train, dev = read_train_dev(root)
+        store = VisualStore.read({key: root / path for key, path in DEFAULT_PATHS.items()}, top_k, extras)
+        started = time.perf_counter()
+        device = start_run(params["base"]["seed"], params["base"]["device"], cfg.get("threads"))
+        return cls(params, root, group, cfg, train, dev, store, device, started)
+
+    def finish(self, model: VisualModel, name: str, task: str,
+               training_set: type[VisualTrainingSet] = VisualTrainingSet) -> None:
+        """Train ``model`` (on ``device``) with epochs selected on dev ``task`` F1 ("mner", or "gmner" under
+        the candidates protocol), and save it."""
+        data = training_set(model, self.train, self.store)
+        model.fit_feature_statistics(data.visuals)
+        summary = {"train_visual": dict(data.coverage), "dev_visual": dict(self.store.lookup_table(self.dev)[1]),
+                   **data.summary}
+        log.info("%s: %s", name, summary)
+        regions = self.store.regions if task == "gmner" else None
+        score_dev = dev_score(VisualPredictor(model, self.store), self.dev, task, regions)
+        train_and_save(model, data, self.dev, self.cfg, self.params["base"]["seed"], self.root, name, self.started,
+                       score_dev, summary)

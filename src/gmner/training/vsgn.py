@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow as pa
-
-from gmner.core.params import check_keys, fit_params
-from gmner.models.visual_store import VisualStore
+from gmner.core.params import check_keys
 from gmner.models.vsgn import VSGNConfig, VSGNTagger
 from gmner.training.tagger import build_crf_tagger
-from gmner.training.visual import train_stage
+from gmner.training.visual import VisualRun
 
 NAME = "vsgn"
 STAGE_PARAMS = ("fit", "patches")  # the rest of the group are VSGNConfig fields
@@ -33,11 +30,8 @@ def vsgn_config(group: dict, visual_dim: int, patch_dim: int | None) -> VSGNConf
 def run_stage(params: dict, root: str | Path = ".") -> None:
     """Train on data/prepared/{train,dev}.parquet under ``root``; write models/vsgn and dvclive/vsgn."""
     group = params["train_vsgn"]
-    cfg = fit_params(params, "train_vsgn")
     probe = vsgn_config(group, 1, 1)  # the tables to read, before their sizes are known
-
-    def build(train: pa.Table, store: VisualStore) -> VSGNTagger:
-        return build_crf_tagger(cfg, train, VSGNTagger, visual=vsgn_config(group, store.dim, store.patch_dim))
-
-    train_stage(params, root, NAME, "train_vsgn", build,
-                lambda paths: VisualStore.read(paths, probe.top_k, probe.extras), "mner")
+    run = VisualRun.start(params, root, "train_vsgn", probe.top_k, probe.extras)
+    visual = vsgn_config(group, run.store.dim, run.store.patch_dim)
+    model = build_crf_tagger(run.cfg, run.train, VSGNTagger, visual=visual).to(run.device)
+    run.finish(model, NAME, "mner")

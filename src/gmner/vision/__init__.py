@@ -1,1 +1,2 @@
-"""The per-item vision stages (detect, caption, synthesize, features), their runner, content-addressed cache, image inputs and model loaders."""
+"""The per-item vision stages (detect, caption, synthesize, features), their runner, content-addressed cache, image
+inputs and model loaders."""

@@ -15,15 +15,21 @@ import pyarrow as pa
 from gmner.core import schema
 from gmner.core.atomic import write_parquet
 from gmner.core.hashing import digest
+from gmner.core.params import check_keys
 from gmner.vision.cache import ItemCache
 from gmner.vision.inputs import ImageLoad, distinct_images, image_policy, prepared_tables
 from gmner.vision.models import Captioner
 from gmner.vision.runner import JSON, Item, run_items, stage_device, write_summary
 
+PARAMS = (  # the keys of the `caption` params group
+    "model", "tiny", "precision", "batch_size", "num_workers", "generate", "max_pixels", "max_side", "policy",
+)
+
 
 def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     """Caption every prepared image; returns the summary on the main process (None on other ranks)."""
     base, cfg, root = params["base"], params["caption"], Path(root)
+    check_keys("caption", cfg, PARAMS)
     device = stage_device(base["device"])
     images = distinct_images(prepared_tables(params, root), root)
     cache_root = root / base["cache_root"]

@@ -35,10 +35,16 @@ from gmner.core import schema
 from gmner.core.atomic import parquet_writer
 from gmner.core.errors import DataError
 from gmner.core.hashing import digest
+from gmner.core.params import check_keys
 from gmner.vision.cache import ItemCache
 from gmner.vision.inputs import ImageLoad, distinct_images, image_policy, prepared_tables, tweet_text
 from gmner.vision.models import ImageEncoder, embed_images, load_image_encoder
 from gmner.vision.runner import ARRAYS, Item, StageRun, combined_summary, run_items, stage_device, write_summary
+
+PARAMS = (  # the keys of the `features` params group
+    "backend", "model", "pretrained", "tiny", "precision", "batch_size", "num_workers", "patch_tokens", "text",
+    "max_pixels", "max_side", "policy",
+)
 
 ROW_GROUP_BYTES = 64 << 20  # embeddings per Parquet row group; real-size patch tokens are ~600 KB an image
 
@@ -64,6 +70,7 @@ class RegionCrops(ImageLoad):
 def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     """Embed every input; returns the summary on the main process (None on other ranks)."""
     base, cfg, root = params["base"], params["features"], Path(root)
+    check_keys("features", cfg, PARAMS)
     device = stage_device(base["device"])
     cache_root = root / base["cache_root"]
     encoder = load_image_encoder(cfg, base["seed"], device, where="features.model",
@@ -76,7 +83,7 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     generated = _generated_images(root)
     regions = pq.read_table(_required(root / "data" / "regions.parquet", "detect"), columns=["image_sha256", "boxes"])
     regions = sorted(regions.to_pylist(), key=lambda row: row["image_sha256"])
-    rows = cfg["batch_size"]  # every model call has exactly this many rows (see vision_models.fixed_batches)
+    rows = cfg["batch_size"]  # every model call has exactly this many rows (see gmner.vision.models.fixed_batches)
     common = dict(policy=image_policy(cfg["policy"], "features.policy"), codec=ARRAYS, batch_size=rows,
                   num_workers=cfg["num_workers"])
 

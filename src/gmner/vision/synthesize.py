@@ -30,10 +30,17 @@ import pyarrow as pa
 from gmner.core import schema
 from gmner.core.atomic import write_bytes, write_parquet
 from gmner.core.hashing import digest
+from gmner.core.params import check_keys
 from gmner.vision.cache import ItemCache
 from gmner.vision.inputs import ImageLoad, distinct_images, image_policy, prepared_tables, tweet_text
 from gmner.vision.models import TextToImage, embed_images, load_image_encoder
 from gmner.vision.runner import ARRAYS, Codec, Item, StageRun, combined_summary, run_items, stage_device, write_summary
+
+PARAMS = (  # the keys of the `synthesize` params group
+    "model", "tiny", "precision", "batch_size", "steps", "guidance_scale", "size", "negative_prompt",
+    "tweet_prompt", "entity_prompt", "entity_images", "theta", "relevance", "num_workers", "max_pixels",
+    "max_side", "policy",
+)
 
 
 def item_seed(base_seed: int, key: str) -> int:
@@ -87,6 +94,7 @@ def prompts_of(tweet: dict, cfg: dict) -> tuple[str, list[str]]:
 def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     """Generate and score every prepared tweet; returns the summary on the main process (None on other ranks)."""
     base, cfg, root = params["base"], params["synthesize"], Path(root)
+    check_keys("synthesize", cfg, PARAMS)
     device = stage_device(base["device"])
     cache_root = root / base["cache_root"]
     tables = prepared_tables(params, root)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gmner.vision.detectors.base import Detector, DetectorLoad, ImageRecord, select_top_k
 
-BACKENDS = ("oracle", "torchvision", "zero_shot")
+BACKENDS = ("selective_search", "oracle", "torchvision", "zero_shot")
 
 __all__ = ["BACKENDS", "Detector", "DetectorLoad", "ImageRecord", "build_detector", "select_top_k"]
 
@@ -18,6 +18,11 @@ def build_detector(cfg: dict, *, seed: int, device, hash_memo: Path | None = Non
         from gmner.vision.detectors.oracle import OracleDetector
 
         return OracleDetector(cfg["top_k"], seed)
+    if backend == "selective_search":
+        from gmner.vision.detectors.selective_search import SelectiveSearchDetector
+
+        return SelectiveSearchDetector(cfg["selective_search"], k=cfg["top_k"], nms_iou=cfg["nms_iou"],
+                                       max_pixels=cfg["max_pixels"], max_side=cfg["max_side"])
     common = dict(k=cfg["top_k"], nms_iou=cfg["nms_iou"], precision=cfg["precision"], device=device, seed=seed,
                   loader=DetectorLoad(cfg["max_pixels"], cfg["max_side"]), hash_memo=hash_memo)
     if backend == "torchvision":

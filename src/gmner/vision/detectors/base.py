@@ -32,12 +32,30 @@ class Detector(Protocol):
 
     fingerprint: str  # model identity plus every backend param that changes results
     load: Callable[[Any], Any] | None  # picklable; runs in DataLoader workers
+    ranked_depth: int | None  # how long the lists ``rank`` returns can be: top-K, or None for all candidates
 
     def item(self, image: ImageRecord) -> tuple[str, Any]:
         """(cache key, payload for ``load``) of one image: the key covers every per-image input."""
 
     def __call__(self, batch: list) -> list[dict]:
-        """One {"boxes", "scores", "labels"} per loaded payload: top-K, best first, original pixels."""
+        """One cached result per loaded payload (original pixels)."""
+
+    def rank(self, results: dict[str, dict], images: dict[str, ImageRecord], train_gold: dict[str, np.ndarray]):
+        """(sha256 -> {"boxes", "scores", "labels"} best first, a summary of the ranking) from the cached
+        results of every image; ``train_gold`` holds the train split's gold boxes per image."""
+
+
+class RankedPerImage:
+    """For backends whose cached result of an image is already its top-K list, best first."""
+
+    k: int
+
+    @property
+    def ranked_depth(self) -> int:
+        return self.k
+
+    def rank(self, results: dict[str, dict], images: dict[str, ImageRecord], train_gold: dict[str, np.ndarray]):
+        return results, {}
 
 
 @dataclass(frozen=True)

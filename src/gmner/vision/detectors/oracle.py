@@ -11,13 +11,13 @@ import logging
 import numpy as np
 
 from gmner.core.hashing import digest
-from gmner.vision.detectors.base import ImageRecord
+from gmner.vision.detectors.base import ImageRecord, RankedPerImage
 
 log = logging.getLogger(__name__)
 _RECIPE = 2  # part of the fingerprint: bump when the distractor recipe changes, so cached results are redone
 
 
-class OracleDetector:
+class OracleDetector(RankedPerImage):
     """Gold boxes plus distractors up to ``k``, seeded per image; scores are random so that the rank of a
     candidate says nothing about whether it is gold, and every label is ``object``."""
 

@@ -12,10 +12,10 @@ from torchvision.transforms.functional import pil_to_tensor
 from gmner.core.errors import ModelUnavailable
 from gmner.core.hashing import digest
 from gmner.core.model_refs import model_fingerprint
-from gmner.vision.detectors.base import DetectorLoad, ImageRecord, autocast, select_top_k
+from gmner.vision.detectors.base import DetectorLoad, ImageRecord, RankedPerImage, autocast, select_top_k
 
 
-class TorchvisionDetector:
+class TorchvisionDetector(RankedPerImage):
     """``weights``: null = random weights from ``arch`` (boxes are meaningless: for the sample and tests),
     a torchvision weights name such as ``FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1`` (already in the torch
     hub cache, nothing is downloaded), or a local state_dict checkpoint of ``arch`` with ``num_classes``."""

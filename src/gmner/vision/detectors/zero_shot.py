@@ -16,7 +16,7 @@ import torch
 
 from gmner.core.hashing import digest
 from gmner.core.model_refs import ModelRef, check_tokenizer, load_from_folder, model_fingerprint, resolve_model
-from gmner.vision.detectors.base import DetectorLoad, ImageRecord, autocast, select_top_k
+from gmner.vision.detectors.base import DetectorLoad, ImageRecord, RankedPerImage, autocast, select_top_k
 
 WHERE = "detect.zero_shot.model"  # the param named in errors
 TINY = {"tiny-owlv2": "owlv2", "tiny-grounding-dino": "grounding-dino"}
@@ -42,7 +42,7 @@ class HashTokenizer:
         return ids
 
 
-class ZeroShotDetector:
+class ZeroShotDetector(RankedPerImage):
     def __init__(self, cfg: dict, *, k: int, nms_iou: float, precision: str, device, seed: int, loader: DetectorLoad,
                  hash_memo: Path | None = None):
         self.k, self.nms_iou, self.precision, self.device, self.load = k, nms_iou, precision, device, loader
