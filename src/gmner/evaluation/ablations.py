@@ -97,6 +97,20 @@ BUILTIN_TABLES: dict[str, dict] = {
             "with captions": {"train_vsgn.captions": True},
         },
     },
+    "detector": {
+        "title": "Detector: selective search (ranked, unranked) vs the oracle upper bound, KL vs CE region loss",
+        "columns": {
+            **{f"{split} GMNER {model}": f"metrics/{model}.json:{split}.gmner.candidates.f1"
+               for split in ("dev", "test") for model in ("grounded", "index")},
+            **{f"{split} coverage@16": f"metrics/detect.json:{split}.box_coverage.at_16" for split in ("dev", "test")},
+        },
+        "rows": {
+            "selective search, ranked": {},
+            "selective search, unranked": {"detect.selective_search.ranking": "none"},
+            "oracle (upper bound)": {"detect.backend": "oracle"},
+            "CE instead of KL": {"train_grounded.loss": "ce", "train_index.region_loss": "ce"},
+        },
+    },
     "models": {
         "title": "Every model, full settings",
         "columns": {
