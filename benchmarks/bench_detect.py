@@ -2,7 +2,8 @@
 
 Run: python benchmarks/bench_detect.py [--tweets N] [--image-size PX] [--threads T] [--workers W].
 The tiny random-weight models measure the pipeline (decode, batching, post-processing, caching), not the
-speed of a real OWLv2 or Faster R-CNN, which is far slower per image on a CPU.
+speed of a real OWLv2 or Faster R-CNN, which is far slower per image on a CPU. Selective search is the real
+algorithm at any size; its rows include the proposal scorer's fit and ranking (cached runs redo them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from gmner.vision.detect import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = {
+    "selective_search": {},
+    "selective_search quality": {"selective_search": {"mode": "quality"}},
     "oracle": {},
     "torchvision": {},
     "zero_shot owlv2": {"zero_shot": {"model": "tiny-owlv2"}},

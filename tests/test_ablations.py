@@ -154,7 +154,7 @@ def test_errors_name_the_file(exp_show, tmp_path):
         write_ablations(bad, ["grounding"])
     good = tmp_path / "good.json"
     good.write_text(json.dumps(exp_show))
-    with pytest.raises(DataError, match="^built-in tables: unknown table 'nope'; known: dlram, grounding, init, models, vsgn, vtc"):
+    with pytest.raises(DataError, match="^built-in tables: unknown table 'nope'; known: detector, dlram, grounding, init, models, vsgn, vtc"):
         write_ablations(good, ["nope"])
     spec = tmp_path / "spec.yaml"
     spec.write_text("mine:\n  rows: {full: {}}\n")

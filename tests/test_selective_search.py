@@ -129,3 +129,12 @@ def test_detect_stage_ranks_top_k_writes_coverage_and_caches_proposals(tmp_path)
 
     again = run_stage(params, tmp_path)  # proposals from the cache, ranking recomputed: the same bytes
     assert again["model_calls"] == 0 and (tmp_path / "data" / "regions.parquet").read_bytes() == before
+
+
+def test_proposals_come_in_the_same_order_every_time(tmp_path):
+    """OpenCV ranks by level x rand(): without seeding, two runs on one image order (and cut) differently."""
+    _scene(tmp_path / "a.png", (160, 120), [[10, 10, 60, 50], [70, 40, 150, 110], [20, 70, 60, 115]], seed=3)
+    load = ProposalLoad(50_000_000, 512, max_proposals=20)
+    first = load((str(tmp_path / "a.png"), None))["boxes"]
+    for _ in range(3):
+        assert np.array_equal(load((str(tmp_path / "a.png"), None))["boxes"], first)

@@ -13,6 +13,8 @@ another split. Each image's proposals are then scored, suppressed by NMS and cut
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +23,7 @@ from gmner.core.boxes import iou_matrix
 from gmner.core.hashing import digest
 from gmner.vision.detectors.base import DetectorLoad, ImageRecord, select_top_k
 
-_RECIPE = 1  # part of the fingerprint: bump when the proposal recipe changes
+_RECIPE = 2  # part of the fingerprint: bump when the proposal recipe changes
 MODES = ("fast", "quality")
 RANKINGS = ("learned", "none")
 FEATURES = ("log_area", "log_aspect", "log_area^2", "log_aspect^2", "log_area*log_aspect", "cx", "cy",
@@ -52,9 +54,18 @@ class ProposalLoad(DetectorLoad):
             search.switchToSelectiveSearchFast(self.base_k, self.inc_k, self.sigma)
         else:
             search.switchToSelectiveSearchQuality(self.base_k, self.inc_k, self.sigma)
+        # OpenCV orders the proposals by hierarchy level x std::rand(), the paper's randomised ranking; seeding the
+        # C library's generator for each image makes that order (and the first max_proposals) the same in every
+        # run, worker and batch, as the cache requires.
+        _libc().srand(0)
         rects = np.asarray(search.process(), dtype=np.float64).reshape(-1, 4)[: self.max_proposals]
         boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
         return {"boxes": loaded.to_original(boxes)}
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None)  # this process's C library, whose rand() OpenCV calls
 
 
 class SelectiveSearchDetector:
