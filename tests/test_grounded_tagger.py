@@ -187,9 +187,9 @@ def test_save_load_round_trip_and_gmner_predict(tmp_path, monkeypatch):
 #     grounded tagger 55.1 / 54.5 / 52.4, regions off 40.3 / 45.1 / 39.9; index generation 51.9 / 52.9 / 52.7,
 #     regions off 39.4 / 36.6 / 40.3: largest seed range 5.2, smallest gain 8.4, margin 6.
 #   selective_search (the sample's detector), dev split, seeds 13 / 14 / 15: text-only 35.6 / 36.2 / 36.2;
-#     grounded tagger 48.8 / 44.4 / 45.0, regions off 36.1 / 36.5 / 36.2; index generation 45.6 / 44.5 / 43.1,
-#     regions off 36.0 / 36.9 / 34.6: largest seed range 4.4, smallest gain 6.9, margin 5. On its 80-tweet test
-#     split the index model's gain (1.1 / -0.6 / 3.4) is inside the spread, so the test split shows nothing there.
+#     grounded tagger 48.8 / 46.5 / 48.3, regions off 36.1 / 36.5 / 36.2; index generation 46.8 / 48.2 / 44.7,
+#     regions off 36.0 / 36.9 / 34.6: largest seed range 3.5, smallest gain 8.5, margin 5. On its 80-tweet test
+#     split the gains (grounded -2.8 / -2.9 / +8.4, index -2.1 / -1.0 / +0.9) are inside the spread: it shows nothing.
 LIFT = {"oracle": ("test", 6), "selective_search": ("dev", 5)}
 
 
