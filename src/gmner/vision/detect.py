@@ -110,14 +110,13 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
         return None
     by_sha = {r.sha256: r for r in records}
     results = {sha: run.results[keys[sha]] for sha in by_sha if keys[sha] in run.results}
-    splits = dict(zip(params["prepare"]["files"], tables))
-    train_gold = gold_boxes(splits["train"]) if "train" in splits else {}
-    ranked, ranking = detector.rank(results, by_sha, train_gold)
+    gold = {split: gold_boxes(table) for split, table in zip(params["prepare"]["files"], tables) if table.num_rows}
+    ranked, ranking = detector.rank(results, by_sha, gold.get("train", {}))
     rows = [{"image_sha256": sha, **{f: v[: cfg["top_k"]] for f, v in ranked[sha].items()}} for sha in sorted(ranked)]
     table = pa.Table.from_pylist(rows, schema=schema.REGIONS)
     write_parquet(root / "data" / "regions.parquet", table)
     depth = detector.ranked_depth
-    covered = {split: coverage(ranked, gold_boxes(t), depth) for split, t in splits.items() if t.num_rows}
+    covered = {split: coverage(ranked, boxes, depth) for split, boxes in gold.items()}
     write_json(root / "metrics" / "detect.json", {split: {"box_coverage": c} for split, c in covered.items()})
     write_json(root / "metrics" / "detect_coverage.json",
                [{"k": k, **{split: c[f"at_{k:02d}"] for split, c in covered.items()}} for k in COVERAGE_K
