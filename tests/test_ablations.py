@@ -43,7 +43,8 @@ def revision(rev, name, seed, gmner=None, tagger=None, error=None, **grounded):
         "name": name,
         "data": {
             "rev": rev,
-            "timestamp": None if rev == "workspace" else (datetime(2026, 11, 23) + timedelta(minutes=next(MINUTES))).isoformat(),
+            "timestamp": None if rev == "workspace"
+            else (datetime(2026, 11, 23) + timedelta(minutes=next(MINUTES))).isoformat(),
             "params": {"params.yaml": {"data": params}},
             "metrics": metrics,
             "deps": {"stages/train_grounded.py": {"hash": "33923d21f19264ef38e36fc79e884217", "size": 310}},
@@ -120,7 +121,8 @@ def test_a_spec_file_adds_tables_and_replaces_builtins(exp_show, tmp_path):
     spec.write_text(
         "lr:\n"
         "  title: Learning rate\n"
-        "  columns: {tagger: 'metrics/tagger.json:test.mner.f1', GMNER: 'metrics/grounded.json:test.gmner.candidates.f1'}\n"
+        "  columns: {tagger: 'metrics/tagger.json:test.mner.f1',"
+        " GMNER: 'metrics/grounded.json:test.gmner.candidates.f1'}\n"
         "  rows:\n"
         "    lr 1e-3: {}\n"
         "    lr 3e-4: {train.lr: 0.0003}\n"
@@ -154,7 +156,8 @@ def test_errors_name_the_file(exp_show, tmp_path):
         write_ablations(bad, ["grounding"])
     good = tmp_path / "good.json"
     good.write_text(json.dumps(exp_show))
-    with pytest.raises(DataError, match="^built-in tables: unknown table 'nope'; known: detector, dlram, grounding, init, models, vsgn, vtc"):
+    known = "detector, dlram, grounding, index, init, models, vsgn, vtc"
+    with pytest.raises(DataError, match=f"^built-in tables: unknown table 'nope'; known: {known}"):
         write_ablations(good, ["nope"])
     spec = tmp_path / "spec.yaml"
     spec.write_text("mine:\n  rows: {full: {}}\n")

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -6,11 +8,9 @@ from gmner.core.boxes import iou_matrix
 from gmner.models.losses import InfoNCE
 from gmner.pretrain.objectives import (
     RelevanceGate,
-    TextImageReflection,
     entity_object_loss,
     entity_object_sets,
     global_local_loss,
-    reflection_mask,
     sample_negatives,
 )
 
@@ -181,111 +181,49 @@ def test_entity_object_sets_are_deterministic_for_a_seed():
     assert torch.equal(sets.positives[0], torch.zeros(8))  # masked key of nothing, row left out
 
 
-# --- text-image reflection -----------------------------------------------------------------------------
+# --- text-image reflection (DLRAM Eq. 2) ----------------------------------------------------------------
 
 
-def test_reflection_mask_hides_only_regions_over_the_iou_threshold():
-    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 5], [0, 0, 10, 6], [20, 20, 30, 30], [0, 0, 10, 10]], float)
-    region_mask = torch.tensor([[True, True, True, True, False], [True, True, False, False, False]])
-    masked = reflection_mask([boxes, boxes[:2]], [GOLD, np.zeros((0, 4))], region_mask)
-    # IoU 1 -> masked, exactly 0.5 -> not, 0.6 -> masked, 0 -> not, IoU 1 but no features -> not.
-    assert masked.tolist() == [[True, False, True, False, False], [False] * 5]
+def _reflection_batch():
+    """Three tweets t_i = e_i with images v = (e0, e0, -e2) and one masked image each, m = (e1, e2, -e0); the
+    norms differ, so only a cosine gives the values below."""
+    eye = torch.eye(3)
+    return 3 * eye, torch.stack([2 * eye[0], eye[0], -eye[2]]), torch.stack([eye[1], 0.5 * eye[2], -eye[0]])
 
 
-def _tia_batch(b=3, k=4, t=5, dt=6, dv=8):
-    torch.manual_seed(0)
-    text = torch.randn(b, t, dt)
-    text_mask = torch.ones(b, t, dtype=torch.bool)
-    text_mask[1, 3:] = False
-    regions = torch.randn(b, k, dv)
-    geometry = torch.rand(b, k, 5)
-    region_mask = torch.ones(b, k, dtype=torch.bool)
-    region_mask[2, 2:] = False
-    masked = torch.zeros(b, k, dtype=torch.bool)
-    masked[0, 1] = masked[1, 0] = masked[1, 3] = masked[2, 0] = True
-    return text, text_mask, regions, geometry, region_mask, masked
+def test_reflection_is_eq_2_with_the_positive_outside_the_denominator():
+    nce = InfoNCE(temperature=0.5, learnable=False)  # s / tau = 2 s
+    text, image, masked = _reflection_batch()
+    # L_i = -2 s(t_i, v_i) + log sum_j exp(2 s(t_i, m_j)); s(t, v) = (1, 0, -1), s(t_i, m_j) rows (0, 0, -1),
+    # (1, 0, 0), (0, 1, 0).
+    expected = [-2 + math.log(2 + math.exp(-2)), math.log(2 + math.exp(2)), 2 + math.log(2 + math.exp(2))]
+    rows = nce.against_pool(text, image, masked, reduction="none")
+    assert rows.tolist() == pytest.approx(expected, rel=1e-6)
+    assert nce.against_pool(text, image, masked).item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    # With the positive among the keys (the candidates form) tweet 0's loss would be larger.
+    keys = torch.cat([image[:, None], masked.expand(3, -1, -1)], dim=1)
+    with_positive = nce.candidates(text, keys, reduction="none")
+    assert with_positive[0].item() == pytest.approx(-2 + math.log(math.exp(2) + 2 + math.exp(-2)), rel=1e-6)
+    # Every masked image of the batch is in every denominator, the tweet's own included: without m_0,
+    # tweet 0's loss drops to -2 + log(1 + e^-2).
+    assert nce.against_pool(text[:1], image[:1], masked[1:]).item() == pytest.approx(
+        -2 + math.log(1 + math.exp(-2)), rel=1e-6)
 
 
-def test_tia_alpha_weights_each_image_and_zero_alpha_gives_zero():
-    model, nce = TextImageReflection(6, 8, hidden=16, heads=2), InfoNCE()
-    batch = _tia_batch()
-    per_image, mean = model(nce, *batch, alpha=torch.ones(3))
-    assert per_image.shape == (3,) and (per_image > 0).all()
-    assert mean.item() == pytest.approx(per_image.mean().item(), rel=1e-6)
-    zero, zero_mean = model(nce, *batch, alpha=torch.zeros(3))
-    assert zero.abs().sum().item() == 0.0 and zero_mean.item() == 0.0
-    half, _ = model(nce, *batch, alpha=torch.tensor([1.0, 0.0, 0.5]))
-    assert half[1].item() == 0.0
-    assert half[0].item() == pytest.approx(per_image[0].item()) and half[2].item() == pytest.approx(
-        0.5 * per_image[2].item()
-    )
-
-
-def test_tia_masked_content_does_not_reach_the_prediction():
-    model, nce = TextImageReflection(6, 8, hidden=16, heads=2), InfoNCE()
-    text, text_mask, regions, geometry, region_mask, masked = _tia_batch()
-    seen = []
-    model.predict.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().clone()))
-    model(nce, text, text_mask, regions, geometry, region_mask, masked, torch.ones(3))
-    changed = regions.clone()
-    changed[0, 1] += 5.0  # the masked region of image 0: only its target changes
-    model(nce, text, text_mask, changed, geometry, region_mask, masked, torch.ones(3))
-    assert torch.allclose(seen[0], seen[1])
-    changed[0, 2] += 5.0  # a visible region of image 0: context of the masked slot
-    model(nce, text, text_mask, changed, geometry, region_mask, masked, torch.ones(3))
-    assert not torch.allclose(seen[0][0], seen[2][0])
-    assert len(seen[0]) == 4  # one prediction per masked valid region
-
-
-def test_tia_gradients_flow_and_generated_targets_are_used():
-    model, nce = TextImageReflection(6, 8, hidden=16, heads=2), InfoNCE()
-    batch = _tia_batch()
-    generated = torch.randn(3, 8)
-    use = torch.tensor([False, True, False])
-
-    def reflect(alpha, generated, generated_mask=torch.ones(3, dtype=torch.bool)):
-        return model(nce, *batch, alpha, generated=generated, generated_mask=generated_mask, use_generated=use)
-
-    per_image, mean = reflect(torch.full((3,), 0.7), generated)
-    mean.backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
-    assert nce.log_scale.grad is not None
-    # Image 1's loss is now about its generated image: it changes with the generated embedding.
-    other, _ = reflect(torch.full((3,), 0.7), generated + 3.0)
-    assert other[1].item() != pytest.approx(per_image[1].item())
-    # A missing generated embedding leaves that image without a target (0, not counted), never zero-filled.
-    missing, missing_mean = reflect(torch.ones(3), generated, torch.tensor([True, False, True]))
-    assert missing[1].item() == 0.0
-    assert missing_mean.item() == pytest.approx((missing[0] + missing[2]).item() / 2, rel=1e-6)
-
-
-def test_tia_without_candidates_or_text_gives_no_nan():
-    model, nce = TextImageReflection(6, 8, hidden=16, heads=2), InfoNCE()
-    text, text_mask, regions, geometry, region_mask, masked = _tia_batch()
-    region_mask[1] = False  # image 1: no usable candidates
-    text_mask[1] = False  # and no text
-    per_image, mean = model(nce, text, text_mask, regions, geometry, region_mask, masked, torch.ones(3))
-    assert torch.isfinite(per_image).all() and per_image[1].item() == 0.0
-    mean.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    # A batch with no candidate slot at all, one image predicting its generated image.
-    empty = torch.zeros(2, 0, 8)
-    per_image, mean = model(
-        nce,
-        text[:2],
-        text_mask[:2],
-        empty,
-        torch.zeros(2, 0, 5),
-        torch.zeros(2, 0, dtype=bool),
-        torch.zeros(2, 0, dtype=bool),
-        torch.ones(2),
-        generated=torch.randn(2, 8),
-        use_generated=torch.tensor([True, False]),
-    )
-    assert torch.isfinite(per_image).all() and per_image[1].item() == 0.0
-    mean.backward()
-    assert torch.isfinite(model.global_token.grad).all()
+def test_reflection_rows_left_out_and_an_empty_pool_give_zero_and_no_nan():
+    nce = InfoNCE(temperature=0.5)
+    text, image, masked = _reflection_batch()
+    text.requires_grad_(True)
+    keep = torch.tensor([True, False, True])
+    rows = nce.against_pool(text, image, masked, keep, reduction="none")
+    assert rows[1].item() == 0.0
+    assert nce.against_pool(text, image, masked, keep).item() == pytest.approx((rows[0] + rows[2]).item() / 2)
+    empty = nce.against_pool(text, image, torch.zeros(0, 3))
+    assert empty.item() == 0.0 and empty.requires_grad
+    empty.backward()
+    assert torch.isfinite(text.grad).all() and text.grad.abs().sum() == 0 and nce.log_scale.grad is None
+    with pytest.raises(ValueError, match="pool"):
+        nce.against_pool(text, image, torch.zeros(2, 4))
 
 
 # --- VTC global-local alignment ------------------------------------------------------------------------
@@ -343,18 +281,3 @@ def test_local_term_matches_each_entity_to_its_best_object():
     assert masked["relevance"].tolist() == [1.0, 0.0]  # a lone pair is its own best match
     assert masked["local_pairs"][1].item() == 0.0
     assert masked["global"].item() == pytest.approx(0.0, abs=1e-6)  # one pair: nothing to contrast
-
-
-def test_tia_loss_contrasts_each_prediction_with_every_other_valid_region_of_the_batch():
-    model, nce = TextImageReflection(6, 8, hidden=16, heads=2), InfoNCE()
-    text, text_mask, regions, geometry, region_mask, masked = _tia_batch()
-    preds = []
-    model.predict.register_forward_hook(lambda module, inputs, output: preds.append(output.detach()))
-    per_image, _ = model(nce, text, text_mask, regions, geometry, region_mask, masked, torch.ones(3))
-    valid = [(b, j) for b in range(3) for j in range(4) if region_mask[b, j]]
-    expected = torch.zeros(3)
-    targets = [(0, 1), (1, 0), (1, 3), (2, 0)]
-    for pred, (b, j) in zip(preds[0], targets):
-        keys = torch.stack([regions[b, j]] + [regions[c, i] for c, i in valid if (c, i) != (b, j)])
-        expected[b] += nce.candidates(pred[None], keys[None]).item() / masked[b].sum()
-    assert torch.allclose(per_image.detach(), expected, atol=1e-5)

@@ -87,7 +87,8 @@ def test_config_files_become_checked_overrides_that_load_params_reads_back(tmp_p
                          "train.encoder=bert-base-cased", "train.tiny.hidden_size=16", "++train.fit={epochs: 2}"]
     loaded = load_params(params, overrides)
     assert loaded["prepare"] == {"files": {"train": "train.txt", "dev": "valid.txt"}, "types": []}
-    assert loaded["train"] == {"lr": 3e-5, "encoder": "bert-base-cased", "tiny": {"hidden_size": 16}, "fit": {"epochs": 2}}
+    assert loaded["train"] == {"lr": 3e-5, "encoder": "bert-base-cased", "tiny": {"hidden_size": 16},
+                               "fit": {"epochs": 2}}
     config.write_text("train:\n  lr_typo: 1\n")
     with pytest.raises(ValueError, match="twitter2015.yaml: train.lr_typo is not a param of"):
         config_overrides(config, params)

@@ -205,7 +205,7 @@ def test_missing_prepared_split_names_the_path(tmp_path):
 
 def test_no_weight_decay_on_biases_and_layernorm_and_two_learning_rates():
     tagger = untrained_tagger()
-    groups = param_groups(tagger, tagger.encoder, lr=1e-4, head_lr=1e-2, weight_decay=0.1)
+    groups = param_groups(tagger, [tagger.encoder], lr=1e-4, head_lr=1e-2, weight_decay=0.1)
     names = {id(p): n for n, p in tagger.named_parameters()}
     by_group = {(g["name"], g["weight_decay"]): {names[id(p)] for p in g["params"]} for g in groups}
     assert {g["name"]: g["lr"] for g in groups} == {"encoder": 1e-4, "head": 1e-2}
@@ -226,4 +226,5 @@ def test_checkpoint_folder_is_swapped_in_whole(tmp_path):
     assert (target / "a").read_text() == "1"
     with atomic_dir(target) as tmp:
         (tmp / "b").write_text("3")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tagger"] and sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tagger"]
+    assert sorted(p.name for p in target.iterdir()) == ["b"]

@@ -35,7 +35,7 @@ VISION_STAGES = {
     "synthesize": VisionStage("gmner.vision.synthesize", "synthesize_summary.json", ("synthesized.parquet",),
                               ("generate", "relevance")),
     "features": VisionStage("gmner.vision.features", "features_summary.json", ("features/*.parquet",),
-                            ("images", "regions", "generated", "text")),
+                            ("images", "regions", "generated", "text", "masked")),
 }
 PREPARED = ("prepared/*.parquet",)
 ALL_OUTPUTS = PREPARED + tuple(pattern for stage in VISION_STAGES.values() for pattern in stage.outputs)

@@ -128,6 +128,20 @@ def region_features_schema(dim: int) -> pa.Schema:
     )
 
 
+def masked_features_schema(dim: int) -> pa.Schema:
+    """data/features/masked.parquet (DLRAM's reflection): one row per distinct image of the features.masked.splits
+    tweets that has a gold box."""
+    return pa.schema(
+        [
+            ("image_sha256", pa.string()),
+            ("boxes", pa.list_(BOX)),  # the distinct gold boxes of the image's tweets, sorted (by x1, y1, x2, y2)
+            # one per box, in that order: the whole image with that box filled; null: image unreadable
+            ("embeddings", pa.list_(vector(dim))),
+            ("skip_reason", pa.string()),  # a gmner.core.images.SKIP_REASONS kind; null when embedded
+        ]
+    )
+
+
 def text_features_schema(dim: int) -> pa.Schema:
     """data/features/text.parquet: one row per tweet (none without features.text)."""
     return pa.schema(

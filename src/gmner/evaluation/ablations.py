@@ -41,10 +41,17 @@ _GROUNDED_COLUMNS = {
 }
 
 # Each table: title, columns (label -> "metrics file:dotted key"), rows (name -> {dotted param: value}).
+_INDEX_COLUMNS = {
+    "test GMNER F1": "metrics/index.json:test.gmner.candidates.f1",
+    "test MNER F1": "metrics/index.json:test.mner.f1",
+    "test EEG F1": "metrics/index.json:test.eeg.candidates.f1",
+    "dev GMNER F1": "metrics/index.json:dev.gmner.candidates.f1",
+}
+# Each table: title, columns (label -> "metrics file:dotted key"), rows (name -> {dotted param: value}).
 BUILTIN_TABLES: dict[str, dict] = {
     "dlram": {
-        "title": "DLRAM alignment pre-training",
-        "columns": _GROUNDED_COLUMNS,
+        "title": "DLRAM pre-training (TIA + EOA + T2I, no SGLA, no connector), fine-tuned as H-Index + DLRAM",
+        "columns": _INDEX_COLUMNS,
         "rows": {
             "full": {},
             "w/o TIA": {"pretrain.tia": False},
@@ -52,14 +59,24 @@ BUILTIN_TABLES: dict[str, dict] = {
             "w/o T2I": {"pretrain.t2i": False},
         },
     },
+    "index": {
+        "title": "Index generation: hierarchical (H-Index) vs flat head, from DLRAM pre-training vs from scratch",
+        "columns": _INDEX_COLUMNS,
+        "rows": {
+            "hierarchical, from pretrain (H-Index + DLRAM)": {},
+            "hierarchical, from scratch (H-Index)": {"train_index.init": "none"},
+            "flat, from scratch": {"train_index.init": "none", "train_index.head": "flat"},
+        },
+    },
     "vtc": {
-        "title": "VTC connector",
+        "title": "VTC connector (VTC's SGLA objectives and connector on top of DLRAM's)",
         "columns": _GROUNDED_COLUMNS,
         "rows": {
-            "full": {},
-            "w/o graph branch": {"pretrain.connector.graph": False},
-            "w/o MoE": {"pretrain.connector.moe": False},
-            "w/o coupling": {"pretrain.coupling": False},
+            "full": {"pretrain.sgla": True, "pretrain.objects": "connector"},
+            "w/o graph branch": {"pretrain.sgla": True, "pretrain.objects": "connector",
+                                 "pretrain.connector.graph": False},
+            "w/o MoE": {"pretrain.sgla": True, "pretrain.objects": "connector", "pretrain.connector.moe": False},
+            "w/o coupling": {"pretrain.sgla": True, "pretrain.objects": "connector", "pretrain.coupling": False},
         },
     },
     "grounding": {
@@ -80,7 +97,7 @@ BUILTIN_TABLES: dict[str, dict] = {
         "columns": _GROUNDED_COLUMNS,
         "rows": {
             "from pretrain": {},
-            "from scratch": {"train_grounded.init": "none", "train_grounded.connector": True},
+            "from scratch": {"train_grounded.init": "none"},
         },
     },
     "vsgn": {

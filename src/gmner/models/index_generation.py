@@ -1,20 +1,31 @@
-"""The H-Index-style index-generation model: a BART encoder-decoder that writes each entity as pointers.
+"""The index-generation model (H-Index; with ``aligned`` inputs, H-Index + DLRAM): a BART encoder-decoder
+that writes each entity as pointers.
 
-Encoder input, per tweet: its subword embeddings (with ``captions``, the image's caption after the tweet),
-then the projected whole-image feature, the feature of the image generated from the tweet, then its top-K
-detector candidates (standardised embedding + box geometry + rank, see gmner.models.visual_store). Each tweet's visual
-slots follow its OWN text, so their learned positions do not depend on how the batch is padded; the image
-slots precede the candidates for the same reason. The attention mask is 0 for padding and for every missing
-input (no image, null features, padded candidates, switched-off inputs): nothing absent is read as a zero
-vector.
+Encoder input, per tweet: its text, then the whole-image feature, the feature of the image generated from
+the tweet, then its top-K detector candidates (standardised embedding + box geometry + rank, see
+gmner.models.visual_projection). The text is BART's own token embeddings (H-Index), or, initialised from a
+DLRAM pre-training checkpoint (``IndexConfig.aligned``), the pre-trained text encoder's states, and the
+image and candidates go through the pre-trained image and object maps: DLRAM's [T; V; O] (its Eq. 6). Each
+tweet's visual slots follow its OWN text, so their learned positions do not depend on how the batch is
+padded. The attention mask is 0 for padding and for every missing input (no image, null features, padded
+candidates, switched-off inputs): nothing absent is read as a zero vector.
 
-Decoder output per entity (see gmner.models.pointer_decoding): start word, end word, type, then NONE or a candidate;
-then EOS. Word pointers score the decoder state against the encoder state of each word's first subword,
-region pointers against the candidates' encoder states, and EOS / NONE / types come from a small vocabulary.
-A pointer symbol fed back to the decoder is embedded as the encoder state it points at. The region is read
-at the step that follows the type, in training and in decoding alike, and trained with KL to the IoU soft
-labels (or cross-entropy on their best option), the rest with cross-entropy, all under the decoding
-constraints.
+Decoder output per entity (gmner.models.pointer_decoding), with ``head``:
+
+- ``hierarchical`` (default; H-Index / DLRAM Eqs. 7-13): start word, end word, GROUNDABLE / UNGROUNDABLE,
+  type; then EOS. Scores are dot products of the decoder state with the indicator / type / EOS embeddings
+  C (which also embed those symbols as decoder inputs, Eq. 9) and with the word keys (T + MLP(H_T)) / 2
+  (Eq. 8). The region distribution over the K candidates only, keys (V + MLP(H_V)) / 2 (Eqs. 11, 12), is
+  read from the decoder state whose input is a GROUNDABLE indicator; it is trained by KL to the IoU soft
+  labels (or cross-entropy on their best candidate) over the groundable entities a candidate covers only
+  (Eq. 13) beside the sequence cross-entropy (Eq. 10): Eq. 14. As in the public H-Index code, an entity
+  with a gold box that no candidate covers is trained as UNGROUNDABLE (nothing could be pointed at). A
+  pointed word is fed back to the decoder as its text input embedding.
+- ``flat``: start word, end word, type, then NONE or a candidate, one joint softmax; scaled dot products
+  with plain projections of the encoder states; a pointer fed back is embedded as the encoder state it
+  points at; the region option (NONE included) trained with KL / CE at every entity's region step.
+
+Both decode under the pointer_decoding constraints, greedily or by beam search.
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +46,7 @@ from gmner.models.losses import grounding_loss
 from gmner.models.pointer_decoding import (
     BOS,
     EOS,
-    FIRST_TYPE,
+    HEADS,
     NO_REGION,
     SYMBOLS_PER_ENTITY,
     Constraints,
@@ -46,19 +58,34 @@ from gmner.models.pointer_decoding import (
     greedy_decode,
     max_steps,
     parse_sequence,
+    region_steps,
 )
-from gmner.models.tagger import CRFTagger, EncodedTweet, WordTagger, length_batches, predicting
+from gmner.models.tagger import (
+    ENCODER_DIR,
+    HEAD_FILE,
+    MODEL_FILE,
+    CRFTagger,
+    EncodedTweet,
+    WordTagger,
+    length_batches,
+    load_non_encoder_weights,
+    predicting,
+    save_with_encoder,
+)
 from gmner.models.text_encoder import DEFAULT_TINY_VOCAB, TINY, build_wordpiece_tokenizer, load_text_encoder
 from gmner.models.visual_model import VisualPredictor, load_visual_predictor
-from gmner.models.visual_projection import VisualProjection
+from gmner.models.visual_projection import AlignedProjection, VisualProjection
 from gmner.models.visual_store import NONE, ImageVisual, switched_extras
+
+TEXT_ENCODER_DIR = "text_encoder"  # the pre-trained text encoder of an aligned model, beside encoder/ (BART)
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     visual_dim: int  # size of the region and image embeddings
     top_k: int = 16  # candidates per image, best first
-    regions: bool = True  # False: candidates are masked, so every entity gets NONE
+    head: str = "hierarchical"  # hierarchical (H-Index: indicator, then type; regions apart) or flat
+    regions: bool = True  # False: candidates are masked, so every entity gets none
     global_feature: bool = True  # False: the whole-image slot is masked
     region_loss: str = "kl"  # kl: to IoU soft labels; ce: cross-entropy on the best option
     soft_label_threshold: float = 0.5  # candidates with IoU <= this get no target mass
@@ -67,16 +94,25 @@ class IndexConfig:
     beam_size: int = 1  # 1: greedy decoding
     captions: bool = False  # the image's caption is appended to the text input
     generated_image: bool = False  # the image generated from the tweet has an encoder slot
+    # Shapes of the DLRAM pre-training the inputs start from (AlignedProjection.shape_of); None: H-Index's own.
+    aligned: dict | None = None
 
     @property
     def extras(self) -> tuple[str, ...]:
         return switched_extras(captions=self.captions, generated=self.generated_image)
 
     def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.region_loss not in ("kl", "ce"):
             raise ValueError(f"region loss must be 'kl' or 'ce', got {self.region_loss!r}")
         if self.beam_size < 1 or self.max_entities < 1 or self.top_k < 1:
             raise ValueError(f"beam_size, max_entities and top_k must be at least 1: {self}")
+
+
+class DecoderLogits(NamedTuple):
+    symbols: torch.Tensor  # (n, t, layout.size): next-symbol logits after each input prefix
+    regions: torch.Tensor | None  # hierarchical: (n, t, K) candidate logits at each position; flat: None
 
 
 def build_bart(spec: str, tiny: dict, vocab_words=None, dropout: float = 0.1):
@@ -102,8 +138,9 @@ def build_bart(spec: str, tiny: dict, vocab_words=None, dropout: float = 0.1):
 
 
 class IndexGenerator(GroundedModel, WordTagger):
-    """BART with visual encoder slots and pointer outputs. ``self.encoder`` is the whole BartModel, so that
-    ``fit`` trains all of it at the encoder learning rate and everything added here at ``head_lr``."""
+    """BART with visual encoder slots and pointer outputs. ``self.encoder`` is the whole BartModel; it and an
+    aligned model's pre-trained ``text_encoder`` train at the encoder learning rate (``pretrained``),
+    everything added here at ``head_lr``."""
 
     kind = "index_generation"
     visual_config = IndexConfig
@@ -118,6 +155,7 @@ class IndexGenerator(GroundedModel, WordTagger):
         *,
         visual: IndexConfig,
         visual_paths: dict | None = None,
+        text_encoder: nn.Module | None = None,
     ):
         WordTagger.__init__(self, encoder, tokenizer, labels, max_length)  # not VisualModel's: no CRF here
         limit = encoder.config.max_position_embeddings
@@ -126,25 +164,78 @@ class IndexGenerator(GroundedModel, WordTagger):
         steps = max_steps(visual.max_entities)
         if steps > limit:
             raise ValueError(f"max_entities {visual.max_entities} needs {steps} decoder steps; {limit} positions")
+        if (text_encoder is None) != (visual.aligned is None):
+            raise ValueError("an aligned index model needs its pre-trained text encoder, and only it has one")
+        text_limit = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", max_length)
+        if max_length > text_limit:
+            raise ValueError(f"max_length {max_length} exceeds the pre-trained text encoder's {text_limit} positions")
         self.dropout_p = dropout
         self.init_visual(visual, visual_paths)
         d = encoder.config.d_model
-        self.visual_projection = VisualProjection(visual.visual_dim, visual.top_k, d)
-        self.n_vocab = FIRST_TYPE + len(self.types)  # EOS, NONE, types
+        if visual.aligned is None:
+            self.visual_projection = VisualProjection(visual.visual_dim, visual.top_k, d)
+        else:
+            self.visual_projection = AlignedProjection(visual.visual_dim, visual.top_k, d, **visual.aligned)
+        self.text_encoder = text_encoder
+        self.n_vocab = Layout(len(self.types), 0, 0, visual.head).word0  # EOS, indicators or NONE, types
         self.symbol = nn.Embedding(self.n_vocab + 1, d)  # + BOS, an input only
-        self.vocab = nn.Linear(d, self.n_vocab)
-        self.word_key = nn.Linear(d, d)
-        self.region_key = nn.Linear(d, d)
+        if visual.head == "hierarchical":  # C of Eq. 9 are the symbol embeddings themselves
+            # Scored by plain dot products with decoder states, C starts at the scale of BART's own token
+            # embeddings (what H-Index initialises them from), not nn.Embedding's unit variance.
+            self.key_mlp = nn.Sequential(nn.Linear(d, d), nn.Dropout(dropout), nn.ReLU(), nn.Linear(d, d))
+        else:
+            self.vocab = nn.Linear(d, self.n_vocab)
+            self.word_key = nn.Linear(d, d)
+            self.region_key = nn.Linear(d, d)
 
-    save = CRFTagger.save  # model.json + encoder/ + head.safetensors, as the taggers
-    load = classmethod(CRFTagger.load.__func__)
+    @property
+    def pretrained(self) -> list[nn.Module]:
+        return [self.encoder] + ([self.text_encoder] if self.text_encoder is not None else [])
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The submodules saved as pretrained folders of their own."""
+        return (ENCODER_DIR,) + ((TEXT_ENCODER_DIR,) if self.text_encoder is not None else ())
+
+    def fit_feature_statistics(self, visuals: Sequence[ImageVisual]) -> None:
+        """An aligned model keeps the pre-training statistics its image and object maps were trained on."""
+        if self.visual_cfg.aligned is None:
+            super().fit_feature_statistics(visuals)
+
+    def save(self, model_dir: str | Path) -> None:
+        """model.json, encoder/ (BART and the tokenizer), text_encoder/ when aligned, head.safetensors."""
+        save_with_encoder(self, model_dir, HEAD_FILE, MODEL_FILE, self.config(), self.parts)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "IndexGenerator":
+        model_dir = Path(model_dir)
+        config = CRFTagger.read_config(model_dir, cls.kind)
+        encoder, tokenizer = load_text_encoder(str(model_dir / ENCODER_DIR), tiny={})
+        text_encoder = None
+        if config["visual"].get("aligned") is not None:
+            text_encoder, _ = load_text_encoder(str(model_dir / TEXT_ENCODER_DIR), tiny={})
+        model = cls(encoder, tokenizer, config["labels"], config["max_length"], config["dropout"],
+                    visual=IndexConfig(**config["visual"]), visual_paths=config["visual_paths"],
+                    text_encoder=text_encoder)
+        load_non_encoder_weights(model, model_dir / HEAD_FILE, model.parts)
+        return model.to(device).eval()
 
     # --- batches -------------------------------------------------------------------------------------------
+
+    def text_inputs(self, batch: dict) -> torch.Tensor:
+        """(B, L, d) text inputs of the encoder, zero at padding: BART's token embeddings, or the pre-trained
+        text encoder's states mapped by the aligned model's adapter (T of DLRAM's Eq. 6)."""
+        mask = batch["attention_mask"]
+        if self.text_encoder is None:
+            embeds = self.encoder.get_encoder().embed_tokens(batch["input_ids"])
+        else:
+            states = self.text_encoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+            embeds = self.visual_projection.adapter(states)
+        return embeds * mask.bool()[..., None]
 
     def encoder_inputs(self, batch: dict) -> dict:
         """``embeds`` (B, T, d) and ``mask`` (B, T) of the encoder, with ``region_slots`` (B, K): where each
         tweet's candidates sit, after its own text (caption included), its image and its generated image."""
-        embed = self.encoder.get_encoder().embed_tokens
         text_mask = batch["attention_mask"].bool()
         n, length = text_mask.shape
         k = batch["region_mask"].shape[1]
@@ -156,8 +247,9 @@ class IndexGenerator(GroundedModel, WordTagger):
             (batch["generated_mask"] & self.visual_cfg.generated_image)[:, None],
             batch["region_mask"] & self.visual_cfg.regions,
         ], dim=1)
-        embeds = torch.zeros((n, length + 2 + k, embed.embedding_dim), device=self.device)
-        embeds[:, :length] = embed(batch["input_ids"]) * text_mask[..., None]
+        text = self.text_inputs(batch)
+        embeds = torch.zeros((n, length + 2 + k, text.shape[-1]), device=self.device)
+        embeds[:, :length] = text
         rows = torch.arange(n, device=self.device)[:, None]
         embeds[rows, slots] = torch.cat([image[:, None], generated[:, None], regions], dim=1)
         mask = torch.zeros((n, length + 2 + k), dtype=torch.bool, device=self.device)
@@ -166,14 +258,15 @@ class IndexGenerator(GroundedModel, WordTagger):
         return {"embeds": embeds, "mask": mask, "region_slots": slots[:, 2:]}
 
     def encode_batch(self, batch: dict) -> dict:
-        """Encoder states, the word and candidate states pointers score against, and their validity."""
+        """Encoder states, the word and candidate states pointers score against, and their validity; for the
+        hierarchical head also their inputs (T, V) and the pointer keys of Eqs. 8 and 11."""
         inputs = self.encoder_inputs(batch)
         memory = self.encoder.get_encoder()(inputs_embeds=inputs["embeds"], attention_mask=inputs["mask"].long())
         memory = memory.last_hidden_state
         rows = torch.arange(len(memory), device=self.device)[:, None]
         words = memory[rows, batch["word_pos"]]
         word_valid = torch.arange(words.shape[1], device=self.device) < batch["n_words"][:, None]
-        return {
+        states = {
             "memory": memory,
             "mask": inputs["mask"],
             "words": words,
@@ -181,9 +274,18 @@ class IndexGenerator(GroundedModel, WordTagger):
             "regions": memory[rows, inputs["region_slots"]],
             "region_valid": batch["region_mask"] & self.visual_cfg.regions,
         }
+        if self.visual_cfg.head == "hierarchical":
+            states["word_inputs"] = inputs["embeds"][rows, batch["word_pos"]]
+            # T and V enter the keys normalised as the encoder normalises its inputs, so that their average
+            # with the (layer-normalised) encoder states is not ruled by whichever input is larger.
+            norm = self.encoder.get_encoder().layernorm_embedding
+            region_inputs = norm(inputs["embeds"][rows, inputs["region_slots"]])
+            states["word_keys"] = (norm(states["word_inputs"]) + self.key_mlp(words)) / 2
+            states["region_keys"] = (region_inputs + self.key_mlp(states["regions"])) / 2
+        return states
 
     def layout(self, states: dict) -> Layout:
-        return Layout(len(self.types), states["words"].shape[1], states["regions"].shape[1])
+        return Layout(len(self.types), states["words"].shape[1], states["regions"].shape[1], self.visual_cfg.head)
 
     def constraints(self, states: dict) -> list[Constraints]:
         valid = states["region_valid"].cpu().numpy()
@@ -192,17 +294,19 @@ class IndexGenerator(GroundedModel, WordTagger):
 
     # --- decoder ----------------------------------------------------------------------------------------------
 
-    def symbol_logits(self, states: dict, tweets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """(n, t, layout.size) logits of the symbol after each input prefix; ``inputs`` (n, t) start with BOS
-        and ``tweets`` (n,) says whose states row i decodes from. Invalid words / candidates are very negative."""
+    def symbol_logits(self, states: dict, tweets: torch.Tensor, inputs: torch.Tensor) -> DecoderLogits:
+        """Logits after each input prefix; ``inputs`` (n, t) start with BOS and ``tweets`` (n,) says whose
+        states row i decodes from. Invalid words / candidates are very negative."""
         layout = self.layout(states)
+        hierarchical = layout.head == "hierarchical"
         words, regions = states["words"][tweets], states["regions"][tweets]
         rows = torch.arange(len(tweets), device=self.device)[:, None]
         embeds = self.symbol(torch.where(inputs == BOS, self.n_vocab, inputs.clamp(0, self.n_vocab)))
         is_word = (inputs >= layout.word0) & (inputs < layout.region0)
-        pointed = words[rows, (inputs - layout.word0).clamp(0, layout.n_words - 1)]  # W >= 1 (WordTagger.collate)
+        fed_back = states["word_inputs"][tweets] if hierarchical else words
+        pointed = fed_back[rows, (inputs - layout.word0).clamp(0, layout.n_words - 1)]  # W >= 1 (collate)
         embeds = torch.where(is_word[..., None], pointed, embeds)
-        if layout.n_regions:
+        if not hierarchical and layout.n_regions:
             pointed = regions[rows, (inputs - layout.region0).clamp(0, layout.n_regions - 1)]
             embeds = torch.where((inputs >= layout.region0)[..., None], pointed, embeds)
         hidden = self.encoder.get_decoder()(
@@ -210,44 +314,61 @@ class IndexGenerator(GroundedModel, WordTagger):
             encoder_hidden_states=states["memory"][tweets],
             encoder_attention_mask=states["mask"][tweets].long(),
         ).last_hidden_state
+        very_negative = torch.finfo(hidden.dtype).min
+        word_valid, region_valid = states["word_valid"][tweets][:, None], states["region_valid"][tweets][:, None]
+        if hierarchical:
+            hidden = hidden / math.sqrt(hidden.shape[-1])
+            vocab = hidden @ self.symbol.weight[: self.n_vocab].T
+            word_logits = torch.einsum("ntd,nwd->ntw", hidden, states["word_keys"][tweets])
+            region_logits = torch.einsum("ntd,nkd->ntk", hidden, states["region_keys"][tweets])
+            region_logits = region_logits.masked_fill(~region_valid, very_negative)
+            return DecoderLogits(torch.cat([vocab, word_logits.masked_fill(~word_valid, very_negative)], -1),
+                                 region_logits)
         scale = 1 / math.sqrt(hidden.shape[-1])
         word_logits = torch.einsum("ntd,nwd->ntw", hidden, self.word_key(words)) * scale
         region_logits = torch.einsum("ntd,nkd->ntk", hidden, self.region_key(regions)) * scale
-        very_negative = torch.finfo(hidden.dtype).min
-        word_logits = word_logits.masked_fill(~states["word_valid"][tweets][:, None], very_negative)
-        region_logits = region_logits.masked_fill(~states["region_valid"][tweets][:, None], very_negative)
-        return torch.cat([self.vocab(hidden), word_logits, region_logits], dim=-1)
+        word_logits = word_logits.masked_fill(~word_valid, very_negative)
+        region_logits = region_logits.masked_fill(~region_valid, very_negative)
+        return DecoderLogits(torch.cat([self.vocab(hidden), word_logits, region_logits], dim=-1), None)
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy of the gold sequences' symbols (teacher forced) under the decoding constraints, plus
-        ``region_weight`` x the region-pointer loss (KL to soft labels or CE) at every entity's region step."""
+        ``region_weight`` x the region loss (KL to soft labels or CE): for the hierarchical head over the K
+        candidates at each groundable entity's region step, for the flat head over none + K at every
+        entity's region symbol."""
         states = self.encode_batch(batch)
         layout, rules = self.layout(states), self.constraints(states)
+        hierarchical = layout.head == "hierarchical"
         targets = [build_target(entities, layout) for entities in batch["entities"]]
         steps = max(map(len, targets))
         inputs = torch.full((len(targets), steps), EOS, dtype=torch.long)
         gold = torch.full((len(targets), steps), -100, dtype=torch.long)  # -100: ignored (padding)
         allowed_mask = torch.ones((len(targets), steps, layout.size), dtype=torch.bool)
-        region_steps, region_targets = [], []
-        for b, seq in enumerate(targets):
+        region_at, region_targets = [], []
+        for b, (seq, entities) in enumerate(zip(targets, batch["entities"])):
             inputs[b, : len(seq)] = torch.tensor([BOS] + seq[:-1])
+            soft = batch["region_targets"][b]
             for i, symbol in enumerate(seq):
                 allowed_mask[b, i] = torch.from_numpy(allowed(seq[:i], layout, rules[b]))
-                if i % SYMBOLS_PER_ENTITY == SYMBOLS_PER_ENTITY - 1:  # a region step
-                    region_steps.append((b, i))
-                    padded = np.zeros(1 + layout.n_regions, np.float32)
-                    soft = batch["region_targets"][b][i // SYMBOLS_PER_ENTITY]
-                    padded[: len(soft)] = soft
-                    region_targets.append(padded)
+                if not hierarchical and i % SYMBOLS_PER_ENTITY == SYMBOLS_PER_ENTITY - 1:  # a region symbol
+                    region_at.append((b, i))
+                    region_targets.append(_padded(soft[i // SYMBOLS_PER_ENTITY], 1 + layout.n_regions))
                 else:
                     gold[b, i] = symbol
+            if hierarchical:  # the groundable entities' targets; entities come ordered by start (gold_entities)
+                region_at += [(b, step) for step in region_steps(seq, layout)]
+                region_targets += [_padded(t[1:], layout.n_regions) for e, t in zip(entities, soft)
+                                   if e.region is not None]
         tweets = torch.arange(len(targets), device=self.device)
-        logits = self.symbol_logits(states, tweets, inputs.to(self.device))
-        logits = logits.masked_fill(~allowed_mask.to(self.device), torch.finfo(logits.dtype).min)
+        out = self.symbol_logits(states, tweets, inputs.to(self.device))
+        logits = out.symbols.masked_fill(~allowed_mask.to(self.device), torch.finfo(out.symbols.dtype).min)
         loss = F.cross_entropy(logits.flatten(0, 1), gold.flatten().to(self.device), ignore_index=-100)
-        if region_steps:
-            b, i = (torch.tensor(x, device=self.device) for x in zip(*region_steps))
-            options = torch.cat([logits[b, i, NO_REGION : NO_REGION + 1], logits[b, i, layout.region0 :]], dim=-1)
+        if region_at:
+            b, i = (torch.tensor(x, device=self.device) for x in zip(*region_at))
+            if hierarchical:
+                options = out.regions[b, i]
+            else:
+                options = torch.cat([logits[b, i, NO_REGION : NO_REGION + 1], logits[b, i, layout.region0 :]], -1)
             target = torch.from_numpy(np.stack(region_targets)).to(self.device)
             loss = loss + self.visual_cfg.region_weight * grounding_loss(options, target, self.visual_cfg.region_loss)
         return loss
@@ -257,8 +378,8 @@ class IndexGenerator(GroundedModel, WordTagger):
         counts: Counter,
     ) -> tuple[list[Entity], list[np.ndarray]]:
         """A tweet's gold spans in encoded-word indices with their region targets, ordered by start. The
-        region symbol is the target's best option. Spans without encoded words, and those beyond
-        ``max_entities``, are left out and counted."""
+        region is the target's best option: None (ungroundable, or no candidate covers the gold box) or a
+        candidate. Spans without encoded words, and those beyond ``max_entities``, are left out and counted."""
         position = {word: j for j, word in enumerate(encoded.word_idx)}
         kept = []
         for (start, end, etype), target in sorted(zip(spans, targets), key=lambda pair: pair[0][:2]):
@@ -277,19 +398,29 @@ class IndexGenerator(GroundedModel, WordTagger):
 
     @predicting
     def generate(self, batch: dict) -> tuple[list[list[Entity]], Layout]:
-        """Constrained decoding (greedy, or beam search when ``beam_size`` > 1) of a collated batch."""
+        """Constrained decoding (greedy, or beam search when ``beam_size`` > 1) of a collated batch. The
+        hierarchical head then reads each groundable entity's candidate, the argmax of its region step."""
         states = self.encode_batch(batch)
         layout, rules = self.layout(states), self.constraints(states)
 
         def step(tweets: torch.Tensor, prefixes: list[list[int]]) -> torch.Tensor:
             inputs = torch.tensor([[BOS] + p for p in prefixes], dtype=torch.long, device=self.device)
-            return self.symbol_logits(states, tweets.to(self.device), inputs)[:, -1]
+            return self.symbol_logits(states, tweets.to(self.device), inputs).symbols[:, -1]
 
         if self.visual_cfg.beam_size == 1:
             seqs = greedy_decode(step, layout, rules)
         else:
             seqs = beam_decode(step, layout, rules, self.visual_cfg.beam_size)
-        return [parse_sequence(seq, layout) for seq in seqs], layout
+        regions: list[list[int]] = [[] for _ in seqs]
+        if layout.head == "hierarchical" and any(region_steps(seq, layout) for seq in seqs):
+            width = max(map(len, seqs))
+            inputs = torch.full((len(seqs), width), EOS, dtype=torch.long)
+            for b, seq in enumerate(seqs):
+                inputs[b, : len(seq)] = torch.tensor([BOS] + seq[:-1])
+            tweets = torch.arange(len(seqs), device=self.device)
+            chosen = self.symbol_logits(states, tweets, inputs.to(self.device)).regions.argmax(dim=-1).cpu()
+            regions = [chosen[b, region_steps(seq, layout)].tolist() for b, seq in enumerate(seqs)]
+        return [parse_sequence(seq, layout, r) for seq, r in zip(seqs, regions)], layout
 
     @torch.no_grad()
     def predict_entities(
@@ -307,6 +438,13 @@ class IndexGenerator(GroundedModel, WordTagger):
                     out[i].append({"start": words[e.start], "end": words[e.end] + 1, "type": self.types[e.type],
                                    "region": e.region, "box": box})
         return out
+
+
+def _padded(target: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros(size, np.float32)
+    out[: len(target)] = target
+    return out
+
 
 
 def load_predictor(model_dir, device: torch.device) -> VisualPredictor:

@@ -2,14 +2,16 @@
 KL or cross-entropy) and the one contrastive loss, InfoNCE over cosine similarities with a learnable
 temperature.
 
-Every contrastive term (VTC's global image-text and local entity-object terms, DLRAM's entity-object
-alignment, BGA-MNER's matching) goes through :class:`InfoNCE`. Two forms share the same temperature and
-cross-entropy core:
+Every contrastive term (VTC's global image-text and local entity-object terms, DLRAM's text-image reflection
+and entity-object alignment, BGA-MNER's matching) goes through :class:`InfoNCE`. Three forms share the same
+learned temperature over cosine similarities:
 
 - ``pairwise(a, b)``: the symmetric CLIP form over a batch of N matched pairs (row i of ``a`` with row i
   of ``b``), the mean of the a->b and b->a cross-entropies;
 - ``candidates(queries, keys, key_mask)``: each query against its own candidate set, the positive at index 0
-  (negatives chosen by the caller, e.g. regions far from every gold box).
+  (negatives chosen by the caller, e.g. regions far from every gold box);
+- ``against_pool(queries, positives, pool)``: DLRAM's reflection form (its Eq. 2), each query's positive over
+  one key pool the batch shares, the positive itself not in the denominator.
 
 ``reduction="none"`` returns the loss of each row (pair or query) so callers can weight rows, e.g. by
 image-text relevance; a masked-out row (``row_mask``) contributes exactly zero.
@@ -107,6 +109,28 @@ class InfoNCE(nn.Module):
         logits = self.scale * torch.einsum("sd,snd->sn", F.normalize(queries, dim=-1), F.normalize(keys, dim=-1))
         per_row = _masked_ce(logits, mask, torch.zeros(s, dtype=torch.long, device=keys.device))
         return _reduce(per_row, keep, reduction)
+
+    def against_pool(
+        self,
+        queries: torch.Tensor,
+        positives: torch.Tensor,
+        pool: torch.Tensor,
+        row_mask: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """``-log(exp(s(q_i, p_i) / tau) / sum_j exp(s(q_i, k_j) / tau))`` of each query (A, d) with its positive
+        (A, d), over the ``pool`` of keys (P, d) every query shares (DLRAM's Eq. 2: the positive is not in the
+        denominator, so a row can be negative). An empty pool leaves every row out: 0, never -inf."""
+        if queries.dim() != 2 or queries.shape != positives.shape or pool.shape[1:] != queries.shape[1:]:
+            raise ValueError(f"against_pool needs queries and positives (A, d) and a pool (P, d), got "
+                             f"{queries.shape}, {positives.shape}, {pool.shape}")
+        queries = F.normalize(queries, dim=-1)
+        keep = torch.ones(len(queries), dtype=torch.bool, device=queries.device) if row_mask is None else row_mask
+        if not len(pool):  # no term; still in the graph, so that a loss made only of it can backward
+            return _reduce(0 * queries.sum(-1), torch.zeros_like(keep, dtype=torch.bool), reduction)
+        positive = self.scale * (queries * F.normalize(positives, dim=-1)).sum(-1)
+        denominator = torch.logsumexp(self.scale * queries @ F.normalize(pool, dim=-1).T, dim=-1)
+        return _reduce(denominator - positive, keep.bool(), reduction)
 
 
 def _masked_ce(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

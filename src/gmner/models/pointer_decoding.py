@@ -1,17 +1,27 @@
 """Target sequences of the index-generation model and their constrained greedy / beam decoding.
 
-A tweet's entities become one symbol sequence: per entity (ordered by start) its start word, end word,
-type and region, then EOS. Symbols live in one joint index space of ``Layout.size`` options per step:
+A tweet's entities become one symbol sequence, entities ordered by start, then EOS. Two heads:
 
-    [EOS, NO_REGION, type_0 .. type_{T-1}]  [word_0 .. word_{W-1}]  [region_0 .. region_{K-1}]
+- ``hierarchical`` (H-Index, Yu et al. 2023; DLRAM's fine-tuning): per entity its start word, end word, an
+  indicator (GROUNDABLE / UNGROUNDABLE) and its type. The symbols live in one joint index space
 
-where words are the tweet's ENCODED words (those with a first subword, in order) and regions its detector
-candidates, both padded to the batch's W and K. An entity's region symbol is NO_REGION ("no region") or a
-candidate, so the groundable decision is made by the same pointer step that picks the candidate.
+      [EOS, GROUNDABLE, UNGROUNDABLE, type_0 .. type_{T-1}]  [word_0 .. word_{W-1}]
 
-Decoding follows a state machine (``allowed``): only valid next symbols can be chosen, so every decoded
-sequence parses back into non-overlapping entities. Beam search keeps ``beam_size`` hypotheses per tweet
-scored by summed log-probability; with ``beam_size`` 1 it picks exactly what greedy does.
+  and the candidate of a groundable entity is NOT a symbol: the model reads a separate distribution over
+  the K candidates from the decoder state whose input is the GROUNDABLE indicator (the step that predicts
+  the type; :func:`region_steps`). The public NUSTM/GMNER code emits the indicator before the type too.
+- ``flat`` (this pipeline's first head, kept for comparison): per entity start, end, type and one region
+  symbol, NO_REGION or a candidate, in the joint space
+
+      [EOS, NO_REGION, type_0 .. type_{T-1}]  [word_0 .. word_{W-1}]  [region_0 .. region_{K-1}]
+
+  so the groundable decision is made by the same pointer step that picks the candidate.
+
+Words are the tweet's ENCODED words (those with a first subword, in order) and regions its detector
+candidates, both padded to the batch's W and K. Decoding follows a state machine (:func:`allowed`): only
+valid next symbols can be chosen, so every decoded sequence parses back into non-overlapping entities.
+Beam search keeps ``beam_size`` hypotheses per tweet scored by summed log-probability; with ``beam_size`` 1
+it picks exactly what greedy does.
 """
 
 from __future__ import annotations
@@ -22,7 +32,10 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-EOS, NO_REGION, FIRST_TYPE = 0, 1, 2  # NO_REGION: the symbol of "none" (visual_store.NONE is its option index)
+HEADS = ("hierarchical", "flat")
+EOS = 0
+NO_REGION = 1  # flat: the region symbol of "none" (visual_store.NONE is its option index)
+GROUNDABLE, UNGROUNDABLE = 1, 2  # hierarchical: the indicators
 BOS = -1  # the decoder's first input; never an output (the model embeds it separately)
 SYMBOLS_PER_ENTITY = 4
 
@@ -43,18 +56,28 @@ class Layout:
     n_types: int
     n_words: int  # W: encoded words of the batch's longest tweet
     n_regions: int  # K: candidates of the batch's image with most
+    head: str = "flat"
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+
+    @property
+    def first_type(self) -> int:
+        return 3 if self.head == "hierarchical" else 2
 
     @property
     def word0(self) -> int:
-        return FIRST_TYPE + self.n_types
+        return self.first_type + self.n_types
 
     @property
     def region0(self) -> int:
+        """Flat: the first region symbol. Hierarchical: the end of the space (regions are not symbols)."""
         return self.word0 + self.n_words
 
     @property
     def size(self) -> int:
-        return self.region0 + self.n_regions
+        return self.region0 + (self.n_regions if self.head == "flat" else 0)
 
 
 @dataclass(frozen=True)
@@ -67,7 +90,8 @@ class Constraints:
 
 
 def build_target(entities: Sequence[Entity], layout: Layout) -> list[int]:
-    """The symbol sequence of ``entities`` (any order; they must not overlap), ending with EOS."""
+    """The symbol sequence of ``entities`` (any order; they must not overlap), ending with EOS. Hierarchical:
+    an entity with a region is GROUNDABLE (the region itself is the separate target of its region step)."""
     seq, previous_end = [], -1
     for e in sorted(entities):
         if not 0 <= e.start <= e.end < layout.n_words:
@@ -78,45 +102,67 @@ def build_target(entities: Sequence[Entity], layout: Layout) -> list[int]:
             raise ValueError(f"entity {e} has no type of the {layout.n_types}")
         if e.region is not None and not 0 <= e.region < layout.n_regions:
             raise ValueError(f"entity {e} points outside the {layout.n_regions} candidates")
-        region = NO_REGION if e.region is None else layout.region0 + e.region
-        seq += [layout.word0 + e.start, layout.word0 + e.end, FIRST_TYPE + e.type, region]
+        words = [layout.word0 + e.start, layout.word0 + e.end]
+        if layout.head == "hierarchical":
+            seq += [*words, UNGROUNDABLE if e.region is None else GROUNDABLE, layout.first_type + e.type]
+        else:
+            region = NO_REGION if e.region is None else layout.region0 + e.region
+            seq += [*words, layout.first_type + e.type, region]
         previous_end = e.end
     return seq + [EOS]
 
 
-def parse_sequence(seq: Sequence[int], layout: Layout) -> list[Entity]:
-    """Entities of a sequence made by ``build_target`` or the decoders; stops at EOS. Sequences the state
-    machine would not produce are refused."""
-    entities = []
+def region_steps(seq: Sequence[int], layout: Layout) -> list[int]:
+    """Hierarchical: the decoder input positions (of ``[BOS] + seq``) whose state gives the region
+    distribution of each groundable entity, in order: those whose input is a GROUNDABLE indicator."""
+    if layout.head != "hierarchical":
+        return []
+    return [i + 1 for i in range(2, len(seq), SYMBOLS_PER_ENTITY) if seq[i] == GROUNDABLE]
+
+
+def parse_sequence(seq: Sequence[int], layout: Layout, regions: Sequence[int] = ()) -> list[Entity]:
+    """Entities of a sequence made by ``build_target`` or the decoders; stops at EOS. Hierarchical:
+    ``regions`` holds the chosen candidate of each groundable entity, in order. Sequences the state machine
+    would not produce are refused."""
+    entities, chosen = [], iter(regions)
+    words = range(layout.word0, layout.region0)
+    types = range(layout.first_type, layout.word0)
     for i in range(0, len(seq), SYMBOLS_PER_ENTITY):
         if seq[i] == EOS:
+            if next(chosen, None) is not None:
+                raise ValueError(f"more regions {list(regions)} than groundable entities: {list(seq)}")
             return entities
         group = list(seq[i : i + SYMBOLS_PER_ENTITY])
         if len(group) < SYMBOLS_PER_ENTITY:
             raise ValueError(f"sequence ends inside an entity: {list(seq)}")
-        start, end, etype, region = group
-        words = range(layout.word0, layout.region0)
-        if start not in words or end not in words or not FIRST_TYPE <= etype < layout.word0:
-            raise ValueError(f"symbols {group} are not start, end, type: {list(seq)}")
-        if region != NO_REGION and region not in range(layout.region0, layout.size):
-            raise ValueError(f"symbol {region} is not a region: {list(seq)}")
-        entities.append(
-            Entity(
-                start - layout.word0, end - layout.word0, etype - FIRST_TYPE,
-                None if region == NO_REGION else region - layout.region0,
-            )
-        )
+        if layout.head == "hierarchical":
+            start, end, indicator, etype = group
+            if indicator not in (GROUNDABLE, UNGROUNDABLE):
+                raise ValueError(f"symbol {indicator} is not an indicator: {list(seq)}")
+            region = next(chosen, None) if indicator == GROUNDABLE else None
+            if indicator == GROUNDABLE and region is None:
+                raise ValueError(f"a groundable entity without a chosen region: {list(seq)}")
+        else:
+            start, end, etype, symbol = group
+            if symbol != NO_REGION and symbol not in range(layout.region0, layout.size):
+                raise ValueError(f"symbol {symbol} is not a region: {list(seq)}")
+            region = None if symbol == NO_REGION else symbol - layout.region0
+        if start not in words or end not in words or etype not in types:
+            raise ValueError(f"symbols {group} are not start, end, ..., type: {list(seq)}")
+        entities.append(Entity(start - layout.word0, end - layout.word0, etype - layout.first_type, region))
     raise ValueError(f"sequence has no EOS: {list(seq)}")
 
 
 def allowed(prefix: Sequence[int], layout: Layout, rules: Constraints) -> np.ndarray:
     """(layout.size,) bool: the symbols that may follow ``prefix`` (which holds no EOS).
 
-    Starts come after the previous entity's end, ends at or after their start, then a type, then NO_REGION or a
-    usable candidate; EOS only between entities; no further start once ``max_entities`` are complete.
+    Starts come after the previous entity's end, ends at or after their start; then a type and NO_REGION or
+    a usable candidate (flat), or an indicator and a type (hierarchical; GROUNDABLE only when the tweet has
+    a usable candidate); EOS only between entities; no further start once ``max_entities`` are complete.
     """
     mask = np.zeros(layout.size, dtype=bool)
     phase, done = len(prefix) % SYMBOLS_PER_ENTITY, len(prefix) // SYMBOLS_PER_ENTITY
+    types = slice(layout.first_type, layout.word0)
     if phase == 0:
         mask[EOS] = True
         if done < rules.max_entities:
@@ -124,8 +170,14 @@ def allowed(prefix: Sequence[int], layout: Layout, rules: Constraints) -> np.nda
             mask[layout.word0 + first : layout.word0 + rules.n_words] = True
     elif phase == 1:
         mask[prefix[-1] : layout.word0 + rules.n_words] = True
+    elif layout.head == "hierarchical":
+        if phase == 2:
+            mask[UNGROUNDABLE] = True
+            mask[GROUNDABLE] = bool(rules.region_valid[: layout.n_regions].any())
+        else:
+            mask[types] = True
     elif phase == 2:
-        mask[FIRST_TYPE : layout.word0] = True
+        mask[types] = True
     else:
         mask[NO_REGION] = True
         mask[layout.region0 : layout.size] = rules.region_valid[: layout.n_regions]

@@ -115,6 +115,11 @@ class WordTagger(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def pretrained(self) -> list[nn.Module]:
+        """The modules that start from pre-trained weights: they train at the encoder learning rate."""
+        return [self.encoder]
+
     def encode(
         self, token_lists: Sequence[Sequence[str]], contexts: Sequence[Sequence[str] | None] | None = None
     ) -> tuple[list[EncodedTweet], Alignment]:
@@ -259,37 +264,49 @@ class CRFTagger(WordTagger):
     def from_config(cls, encoder: nn.Module, tokenizer, config: dict) -> "CRFTagger":
         return cls(encoder, tokenizer, config["labels"], config["max_length"], config["dropout"])
 
+    @staticmethod
+    def read_config(model_dir: Path, kind: str) -> dict:
+        """A model folder's model.json, refused unless it is of ``kind``."""
+        config = json.loads((model_dir / MODEL_FILE).read_text())
+        if config.get("kind") != kind:
+            raise ValueError(f"{model_dir / MODEL_FILE}: kind {config.get('kind')!r} is not {kind!r}")
+        return config
+
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "CRFTagger":
         model_dir = Path(model_dir)
-        config = json.loads((model_dir / MODEL_FILE).read_text())
-        if config.get("kind") != cls.kind:
-            raise ValueError(f"{model_dir / MODEL_FILE}: kind {config.get('kind')!r} is not {cls.kind!r}")
+        config = cls.read_config(model_dir, cls.kind)
         encoder, tokenizer = load_text_encoder(str(model_dir / ENCODER_DIR), tiny={})
         tagger = cls.from_config(encoder, tokenizer, config)
         load_non_encoder_weights(tagger, model_dir / HEAD_FILE)
         return tagger.to(device).eval()
 
 
-def save_with_encoder(model: WordTagger, model_dir: str | Path, weights_file: str, config_file: str, config: dict):
-    """A model folder: the encoder and tokenizer under encoder/, every other weight in ``weights_file``
-    (safetensors) and ``config`` in ``config_file`` (JSON)."""
+def save_with_encoder(model: WordTagger, model_dir: str | Path, weights_file: str, config_file: str, config: dict,
+                      parts: Sequence[str] = (ENCODER_DIR,)):
+    """A model folder: the encoder and tokenizer under encoder/ (and any other pretrained submodule named in
+    ``parts`` under its own name), every other weight in ``weights_file`` (safetensors) and ``config`` in
+    ``config_file`` (JSON)."""
     from safetensors.torch import save_file
 
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    model.encoder.save_pretrained(model_dir / ENCODER_DIR)
-    model.tokenizer.save_pretrained(model_dir / ENCODER_DIR)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    for part in parts:  # each with the tokenizer, so that every folder loads as a model of its own
+        getattr(model, part).save_pretrained(model_dir / part)
+        model.tokenizer.save_pretrained(model_dir / part)
+    prefixes = tuple(f"{part}." for part in parts)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
     save_file(weights, model_dir / weights_file)
     (model_dir / config_file).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_non_encoder_weights(model: nn.Module, path: Path) -> None:
-    """Load what ``save_with_encoder`` wrote to ``path``; every non-encoder weight must be there, nothing else."""
+def load_non_encoder_weights(model: nn.Module, path: Path, parts: Sequence[str] = (ENCODER_DIR,)) -> None:
+    """Load what ``save_with_encoder`` wrote to ``path``; every weight outside ``parts`` must be there,
+    nothing else."""
     from safetensors.torch import load_file
 
     missing, unexpected = model.load_state_dict(load_file(path), strict=False)
-    missing = [k for k in missing if not k.startswith("encoder.")]  # the encoder is loaded from encoder/
+    prefixes = tuple(f"{part}." for part in parts)
+    missing = [k for k in missing if not k.startswith(prefixes)]  # the parts load from their own folders
     if missing or unexpected:
         raise ValueError(f"{path}: weights missing {missing}, unexpected {unexpected}")

@@ -74,3 +74,67 @@ class VisualProjection(FeatureStandardiser):
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, dim) image inputs, (B, dim) generated-image inputs and (B, K, dim) candidate inputs."""
         return self.project(batch)[:3]
+
+
+class AlignedProjection(FeatureStandardiser):
+    """DLRAM's fine-tuning inputs V and O (its Eq. 6), as pre-training aligned them with the text T.
+
+    The image map g_v (``image``) and the object map (``objects``, linear; or VTC's ``connector``) carry the
+    standardised embeddings into the pre-trained text space, and one ``adapter`` maps that space into the
+    model's width, the text states included (the model's ``text_inputs``): what pre-training aligned stays
+    aligned. A candidate adds its box geometry and rank, a generated image a learned marker. Every weight
+    but the adapter, geometry, rank and marker comes from the checkpoint (:meth:`load_pretrained`), the
+    standardisation statistics included.
+    """
+
+    def __init__(self, visual_dim: int, top_k: int, dim: int, text_dim: int, objects: str = "linear",
+                 connector: dict | None = None):
+        super().__init__(visual_dim)
+        if objects not in ("linear", "connector"):
+            raise ValueError(f"objects must be 'linear' or 'connector', got {objects!r}")
+        self.objects_module = "connector" if objects == "connector" else "objects"  # as the checkpoint names it
+        self.image = nn.Linear(visual_dim, text_dim)
+        if objects == "connector":
+            self.connector = SharedPrivateConnector(ConnectorConfig(visual_dim, text_dim, **(connector or {})))
+        else:
+            self.objects = nn.Linear(visual_dim, text_dim)
+        self.adapter = nn.Linear(text_dim, dim)
+        self.geometry = nn.Linear(len(GEOMETRY), dim)
+        self.rank = nn.Embedding(top_k, dim)
+        self.generated_marker = nn.Parameter(torch.zeros(dim))
+
+    @staticmethod
+    def shape_of(checkpoint) -> dict:
+        """The constructor arguments (besides the feature, candidate and model sizes) a pretrain checkpoint
+        (gmner.pretrain.checkpoint.PretrainCheckpoint) fixes."""
+        cfg = checkpoint.config
+        return {"text_dim": checkpoint.text_dim, "objects": cfg.objects,
+                "connector": cfg.connector if cfg.objects == "connector" else None}
+
+    def load_pretrained(self, checkpoint) -> list[str]:
+        """Copy the checkpoint's statistics, image map and object map; returns the modules it lacks (an
+        objective switched off in pre-training never trained them), which keep their fresh weights."""
+        lacking = []
+        modules = {"visual": self, "image": self.image}
+        modules[self.objects_module] = getattr(self, self.objects_module)
+        for prefix, module in modules.items():
+            state = checkpoint.module_state(prefix)
+            if not state:
+                lacking.append(prefix)
+            elif prefix == "visual":
+                self.set_feature_statistics({name: value.numpy() for name, value in state.items()})
+            else:
+                module.load_state_dict(state)
+        return lacking
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, dim) image inputs, (B, dim) generated-image inputs and (B, K, dim) candidate inputs."""
+        regions = self.standardise(batch["region_features"], "region")
+        if self.objects_module == "connector":
+            regions = self.connector(regions, batch["region_geometry"], batch["region_mask"]).regions
+        else:
+            regions = self.objects(regions)
+        regions = self.adapter(regions) + self.geometry(batch["region_geometry"]) + self.rank(batch["region_rank"])
+        image = self.adapter(self.image(self.standardise(batch["image_features"], "image")))
+        generated = self.adapter(self.image(self.standardise(batch["generated_features"], "image")))
+        return image, generated + self.generated_marker, regions

@@ -1,6 +1,6 @@
 """The visual inputs of every visual model, joined from the pipeline's tables: detector candidates with their
 features per image (padded and masked into batches) and the optional extras (captions, patch tokens,
-generated images, CLIP text embeddings).
+generated images, CLIP text embeddings, masked images).
 
 An image's inputs are its first ``top_k`` detector candidates (best first, as data/regions.parquet lists
 them) with their embeddings (data/features/regions.parquet), normalised box geometry and rank, plus the
@@ -38,15 +38,18 @@ DEFAULT_PATHS = {
     "synthesized": "data/synthesized.parquet",
     "generated_features": "data/features/generated.parquet",
     "text_features": "data/features/text.parquet",
+    "masked_features": "data/features/masked.parquet",
 }
 REQUIRED = ("regions", "region_features", "image_features")
 # Optional inputs -> the tables they read: BLIP captions, ViT / CLIP patch tokens of the image, the
-# synthesize stage's generated images (tweet and entity images) with its relevance flag, CLIP text embeddings.
+# synthesize stage's generated images (tweet and entity images) with its relevance flag, CLIP text embeddings,
+# the image re-embedded with one gold box filled (DLRAM's masked images; per tweet, those of its own entities).
 EXTRAS = {
     "captions": ("captions",),
     "patches": (),  # a column of image_features
     "generated": ("synthesized", "generated_features"),
     "text": ("text_features",),
+    "masked": ("masked_features",),
 }
 
 
@@ -82,6 +85,7 @@ class ImageVisual:
     relevant: bool | None = None  # the synthesize stage's verdict on the original image; None: no verdict
     entity_images: dict | None = None  # (start, end) of an entity -> (d,) the image generated for it
     text: np.ndarray | None = None  # (d,) the CLIP embedding of the tweet's words
+    masked: np.ndarray | None = None  # (m, d) the image re-embedded with each of the tweet's gold boxes filled
 
     @property
     def valid(self) -> np.ndarray:
@@ -101,8 +105,9 @@ def collate_visual(
     ``image_features`` (B, dim) hold zeros wherever ``region_mask`` (B, K) / ``image_mask`` (B) is False:
     padding, missing features, or no image. Masks are True for real, usable inputs. The extras come the same
     way: ``generated_features`` / ``text_features`` (B, dim) with their masks, ``relevant`` (B) with
-    ``relevant_mask`` (a verdict exists), and with ``patch_dim``, ``patch_tokens`` (B, P, patch_dim) with
-    ``patch_mask`` (B, P).
+    ``relevant_mask`` (a verdict exists), with ``patch_dim``, ``patch_tokens`` (B, P, patch_dim) with
+    ``patch_mask`` (B, P), and the batch's masked images flat: ``masked_features`` (M, dim), each of tweet
+    ``masked_tweet`` (M,).
     """
     n, k = len(items), max((len(v.boxes) for v in items), default=0)
     features = torch.zeros((n, k, dim))
@@ -133,6 +138,10 @@ def collate_visual(
                 patches[b, : len(v.patches)] = torch.from_numpy(np.asarray(v.patches, dtype=np.float32))
                 patch_mask[b, : len(v.patches)] = True
         batch["patch_tokens"], batch["patch_mask"] = patches, patch_mask
+    masked = [(b, v.masked) for b, v in enumerate(items) if v.masked is not None and len(v.masked)]
+    batch["masked_features"] = torch.from_numpy(np.concatenate([m for _, m in masked], dtype=np.float32)
+                                                if masked else np.zeros((0, dim), np.float32))
+    batch["masked_tweet"] = torch.tensor([b for b, m in masked for _ in m], dtype=torch.long)
     return {key: value.to(device) for key, value in batch.items()}
 
 
@@ -223,6 +232,11 @@ class VisualStore:
                     generated.get(row["image_sha256"]), row["relevant"],
                     {span: emb for span, emb in entities.items() if emb is not None},
                 )
+        if "masked" in self.extras:
+            masked = tables["masked_features"]
+            boxes = _unique_rows(masked, "boxes", "masked images")
+            self.masked = {sha: (boxes[sha], embeddings)
+                           for sha, embeddings in _unique_rows(masked, "embeddings", "masked images").items()}
         if "text" in self.extras:
             text = tables["text_features"]
             keys = zip(text.column("tweet_id").to_pylist(), text.column("split").to_pylist())
@@ -281,15 +295,20 @@ class VisualStore:
     def lookup_table(self, tweets: pa.Table) -> tuple[list[ImageVisual], Counter]:
         """``lookup`` (plus the extras) for every row of a prepared table, with the counts."""
         counts: Counter = Counter()
-        columns = ["image_sha256", "width", "height"] + [c for c in ("tweet_id", "split") if c in tweets.column_names]
+        wanted = ["tweet_id", "split"] + ["entities"] * ("masked" in self.extras)
+        columns = ["image_sha256", "width", "height"] + [c for c in wanted if c in tweets.column_names]
         out = []
         for r in tweets.select(columns).to_pylist():
             visual = self.lookup(r["image_sha256"], r["width"], r["height"], counts)
-            out.append(self.with_extras(visual, r["image_sha256"], (r.get("tweet_id"), r.get("split")), counts))
+            gold = [box for e in r.get("entities") or () for box in e["boxes"]]
+            out.append(self.with_extras(visual, r["image_sha256"], (r.get("tweet_id"), r.get("split")), counts,
+                                        np.asarray(gold, np.float32).reshape(-1, 4)))
         return out, counts
 
-    def with_extras(self, visual: ImageVisual, sha: str | None, tweet: tuple, counts: Counter) -> ImageVisual:
-        """``visual`` with the extras of image ``sha`` and tweet (tweet_id, split); missing ones counted."""
+    def with_extras(self, visual: ImageVisual, sha: str | None, tweet: tuple, counts: Counter,
+                    gold: np.ndarray | None = None) -> ImageVisual:
+        """``visual`` with the extras of image ``sha`` and tweet (tweet_id, split) whose entities have the
+        ``gold`` boxes (G, 4); missing ones counted."""
         found = {}
         if "captions" in self.extras and sha is not None:
             found["caption"] = self.captions.get(sha)
@@ -304,7 +323,26 @@ class VisualStore:
         if "text" in self.extras:
             found["text"] = self.text.get(tweet)
             counts["text_feature_missing"] += found["text"] is None
+        if "masked" in self.extras and sha is not None:
+            found["masked"] = self.masked_images(sha, gold, counts)
         return replace(visual, **found) if found else visual
+
+    def masked_images(self, sha: str, gold: np.ndarray | None, counts: Counter) -> np.ndarray | None:
+        """The embeddings of image ``sha`` re-embedded with one of the ``gold`` boxes (G, 4) filled, found by
+        exact box values, each once. None without gold boxes, and (counted as masked_missing) when the image
+        has no masked row or a skipped one; a gold box without its embedding is counted as masked_box_missing."""
+        if gold is None or not len(gold):
+            return None
+        boxes, embeddings = self.masked.get(sha, (None, None))
+        if embeddings is None:
+            counts["masked_missing"] += 1
+            return None
+        if boxes is None or len(boxes) != len(embeddings):
+            raise DataError(f"masked images of image {sha}", f"{len(embeddings)} embeddings for "
+                            f"{0 if boxes is None else len(boxes)} boxes; rerun the features stage")
+        match = (boxes[:, None] == np.unique(gold, axis=0)[None]).all(axis=-1)  # (rows, distinct gold boxes)
+        counts["masked_box_missing"] += int((~match.any(axis=0)).sum())
+        return embeddings[match.any(axis=1)]
 
 
 def _unique_rows(table: pa.Table, column: str, what: str) -> dict[str, np.ndarray | None]:

@@ -1,11 +1,22 @@
 """What a ``pretrain`` checkpoint is: the pre-training model's config and switches, the files it writes,
-and what fine-tuning reads back from it (the text encoder and the connector). Kept apart from the model
-(gmner.pretrain.model), so that the fine-tuning stages depend on the format, not on the alignment code."""
+and what fine-tuning reads back from it: the text encoder (encoder/) and, from heads.safetensors, each
+module by its prefix (:meth:`PretrainCheckpoint.module_state`):
+
+- ``visual``: the FeatureStandardiser's buffers region_mean / region_std / image_mean / image_std;
+- ``image``: g_v, the whole-image map into the text space (with tia or sgla);
+- ``text_projection``: g_t, the map of t_CLS (with tia);
+- ``objects`` (``objects: linear``) or ``connector`` (``objects: connector``): the region map into the text
+  space (with eoa or sgla).
+
+The rest (``gate``, the ``nce`` temperatures) serves pre-training only.
+
+Kept apart from the model (gmner.pretrain.model), so that the fine-tuning stages depend on the format, not
+on the alignment code."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -17,6 +28,7 @@ KIND = "alignment_pretrain"
 CONFIG_FILE = "pretrain.json"
 HEADS_FILE = "heads.safetensors"
 COMPONENTS = ("tia", "eoa", "global", "local", "balance", "gate")
+OBJECT_MAPS = ("linear", "connector")
 DEFAULT_WEIGHTS = {"tia": 1.0, "eoa": 1.0, "global": 1.0, "local": 1.0, "balance": 0.01, "gate": 1.0}
 # Connector settings are ConnectorConfig's fields besides its two sizes, which the model fixes.
 CONNECTOR_SIZES = ("visual_dim", "text_dim")
@@ -35,16 +47,15 @@ def connector_settings(settings: dict) -> dict:
 class PretrainConfig:
     visual_dim: int  # size of the region and image embeddings
     top_k: int = 16  # candidates per image, best first
-    tia: bool = True  # text-image reflection
-    eoa: bool = True  # entity-object alignment
-    t2i: bool = True  # generated images stand in for irrelevant originals (tia, global) and absent entities (eoa)
-    sgla: bool = True  # global + local alignment
-    coupling: bool = True  # local terms weighted by their pair's global relevance
-    gate: bool = True  # relevance gate (else alpha = 1)
+    tia: bool = True  # DLRAM text-image reflection (Eqs. 2-3)
+    eoa: bool = True  # DLRAM entity-object alignment (Eq. 4)
+    t2i: bool = True  # generated images stand in for irrelevant originals (tia, gate, global) and absent entities (eoa)
+    sgla: bool = False  # VTC global + local alignment
+    coupling: bool = True  # VTC local terms weighted by their pair's global relevance (with sgla)
+    objects: str = "linear"  # the region map into the text space: linear (DLRAM) or connector (VTC)
+    gate: bool = True  # relevance gate of Eq. 1, weighting tia (else alpha = 1)
     negatives: int = 16  # EOA keys per entity: the positive and negatives - 1 far regions
     temperature: float = 0.07  # initial temperature of each InfoNCE
-    reflection_hidden: int = 64  # TIA attention width
-    reflection_heads: int = 4
     connector: dict = field(default_factory=dict, hash=False)  # ConnectorConfig fields; missing: its defaults
     weights: dict = field(default_factory=dict, hash=False)  # component -> loss weight; missing: DEFAULT_WEIGHTS
 
@@ -52,6 +63,8 @@ class PretrainConfig:
         unknown = set(self.weights) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"pretrain weights: unknown components {sorted(unknown)}; known: {list(COMPONENTS)}")
+        if self.objects not in OBJECT_MAPS:
+            raise ValueError(f"objects must be one of {list(OBJECT_MAPS)}, got {self.objects!r}")
         if self.negatives < 2:
             raise ValueError(f"negatives must be at least 2 (the positive and one negative), got {self.negatives}")
         object.__setattr__(self, "connector", connector_settings(self.connector))
@@ -62,14 +75,14 @@ class PretrainConfig:
 
     @property
     def uses_objects(self) -> bool:
-        """Whether any objective reads the connector's objects."""
+        """Whether any objective reads the objects (so that the model has an object map)."""
         return self.eoa or self.sgla
 
     @property
     def components(self) -> tuple[str, ...]:
         """The loss components these switches compute."""
         on = {"tia": self.tia, "eoa": self.eoa, "global": self.sgla, "local": self.sgla, "gate": self.gate,
-              "balance": self.uses_objects and self.connector["moe"]}
+              "balance": self.uses_objects and self.objects == "connector" and self.connector["moe"]}
         return tuple(name for name in COMPONENTS if on[name])
 
 
@@ -87,12 +100,14 @@ class PretrainCheckpoint:
     def encoder_dir(self) -> Path:
         return self.path / ENCODER_DIR
 
-    def connector_state(self) -> dict[str, torch.Tensor]:
-        """The connector's weights, keyed as in ``SharedPrivateConnector.state_dict()``."""
-        from safetensors.torch import load_file
+    def module_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The heads.safetensors entries under ``prefix + "."``, keyed as in that module's ``state_dict()``
+        (prefix stripped); empty when the checkpoint has no such module (see the module docstring)."""
+        from safetensors import safe_open
 
-        prefix = "connector."
-        return {k[len(prefix):]: v for k, v in load_file(self.path / HEADS_FILE).items() if k.startswith(prefix)}
+        head = prefix + "."
+        with safe_open(self.path / HEADS_FILE, framework="pt") as weights:
+            return {key[len(head):]: weights.get_tensor(key) for key in weights.keys() if key.startswith(head)}
 
     def check_compatible(self, visual_dim: int, encoder: dict) -> None:
         """Refuse fine-tuning on other features, or from other `train` encoder params, than pre-training."""
@@ -117,5 +132,18 @@ def read_checkpoint(path: str | Path) -> PretrainCheckpoint:
     saved = json.loads((path / CONFIG_FILE).read_text())
     if saved.get("kind") != KIND:
         raise ValueError(f"{path / CONFIG_FILE}: kind {saved.get('kind')!r} is not {KIND!r}")
+    unknown = set(saved["config"]) - {f.name for f in fields(PretrainConfig)}
+    if unknown:
+        raise ValueError(f"{path / CONFIG_FILE}: settings {sorted(unknown)} of an older pretrain model; "
+                         "rerun the pretrain stage")
     return PretrainCheckpoint(path, PretrainConfig(**saved["config"]), saved["text_dim"], saved["max_length"],
                               saved["encoder"])
+
+
+def init_checkpoint(init: str | None, root: Path) -> PretrainCheckpoint | None:
+    """The checkpoint a fine-tuning stage's ``init`` param names: none, ``pretrain`` (models/pretrain under
+    ``root``) or a folder."""
+    if init in (None, "none"):
+        return None
+    path = Path("models/pretrain" if init == "pretrain" else init)
+    return read_checkpoint(path if path.is_absolute() else root / path)

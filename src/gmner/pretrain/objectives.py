@@ -1,16 +1,15 @@
 """Alignment objectives of the pre-training stage (DLRAM and VTC), each a plain function or module.
 
-DLRAM (relevance-aware alignment):
+DLRAM (dual-level, relevance-aware alignment):
 
-- a relevance gate ``alpha = sigmoid(W [v; t] + b)`` scales the image losses of a tweet, so that an image
-  unrelated to its text teaches little (:class:`RelevanceGate`);
-- entity-object alignment (EOA): each entity span against the detector region of its gold object, with
-  negatives far from every gold box (IoU < 0.5) of its own image topped up with regions of other images; an
-  entity absent from the image may take its generated entity image as positive (:func:`entity_object_sets`,
-  :func:`entity_object_loss`);
-- text-image reflection (TIA): regions holding gold objects are masked and recovered from the text, or,
-  when the original image was judged irrelevant, the generated image is predicted instead
-  (:class:`TextImageReflection`).
+- the relevance gate ``alpha = sigmoid(W [v; t] + b)`` of its Eq. 1 (:class:`RelevanceGate`), whose detached
+  output weights each tweet's text-image reflection term (Eq. 3);
+- text-image reflection (TIA, Eq. 2) is :meth:`gmner.models.losses.InfoNCE.against_pool`: the tweet against
+  its image over the batch's masked images, put together by gmner.pretrain.model;
+- entity-object alignment (EOA, Eq. 4): each entity span against the detector region of its gold object,
+  with negatives far from every gold box (IoU < 0.5) of its own image topped up with regions of other
+  images; an entity absent from the image may take its generated entity image as positive
+  (:func:`entity_object_sets`, :func:`entity_object_loss`).
 
 VTC (synergistic global-local alignment): the global image-text term and the local entity-object term
 of each pair, the local one coupled to the pair's global relevance (:func:`global_local_loss`).
@@ -32,7 +31,6 @@ from torch import nn
 
 from gmner.core.boxes import iou_matrix
 from gmner.models.losses import InfoNCE
-from gmner.models.visual_store import GEOMETRY
 
 
 class RelevanceGate(nn.Module):
@@ -175,96 +173,6 @@ def entity_object_loss(
     keys = torch.cat([positives[:, None], negatives], dim=1)
     key_mask = torch.cat([negative_mask.new_ones(len(spans), 1), negative_mask.bool()], dim=1)
     return nce.candidates(spans, keys, key_mask, row_mask, reduction)
-
-
-def reflection_mask(
-    candidates: Sequence[np.ndarray],
-    gold_boxes: Sequence[np.ndarray],
-    region_mask: torch.Tensor,
-    threshold: float = 0.5,
-) -> torch.Tensor:
-    """(B, K) bool: the valid candidates of image ``b`` with IoU > ``threshold`` to one of its gold boxes
-    (those of all its entities), i.e. the TIA slots to mask and recover."""
-    masked = torch.zeros(region_mask.shape, dtype=torch.bool)
-    for image, (boxes, gold) in enumerate(zip(candidates, gold_boxes)):
-        boxes, gold = np.asarray(boxes).reshape(-1, 4), np.asarray(gold).reshape(-1, 4)
-        if len(boxes) and len(gold):
-            masked[image, : len(boxes)] = torch.from_numpy(iou_matrix(boxes, gold).max(axis=1) > threshold)
-    return masked.to(region_mask.device) & region_mask.bool()
-
-
-class TextImageReflection(nn.Module):
-    """TIA: recover masked gold-object regions from the text.
-
-    Region slots are projected to ``hidden`` plus their box geometry; masked slots hold a learned mask
-    token instead of their content. One attention layer lets every slot (and a global slot) read the text
-    tokens and the slots; the prediction of a masked slot is scored by InfoNCE against its true feature
-    versus every other valid region (and generated embedding) of the batch. Images with ``use_generated``
-    hide all their regions and predict the generated image's global embedding from the pooled slots
-    instead. A learned null key keeps attention defined for an image without text or regions.
-    """
-
-    def __init__(self, text_dim: int, visual_dim: int, hidden: int, heads: int):
-        super().__init__()
-        self.text = nn.Linear(text_dim, hidden)
-        self.region = nn.Linear(visual_dim, hidden)
-        self.geometry = nn.Linear(len(GEOMETRY), hidden)
-        self.mask_token = nn.Parameter(0.02 * torch.randn(hidden))  # stands in for a hidden region's content
-        self.global_token = nn.Parameter(0.02 * torch.randn(hidden))  # a query slot every image has
-        self.null_key = nn.Parameter(0.02 * torch.randn(hidden))  # a key every image has
-        self.attention = nn.MultiheadAttention(hidden, heads, batch_first=True)
-        self.norm = nn.LayerNorm(hidden)
-        self.predict = nn.Linear(hidden, visual_dim)
-
-    def forward(
-        self,
-        nce: InfoNCE,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
-        regions: torch.Tensor,
-        geometry: torch.Tensor,
-        region_mask: torch.Tensor,
-        masked: torch.Tensor,
-        alpha: torch.Tensor,
-        generated: torch.Tensor | None = None,
-        generated_mask: torch.Tensor | None = None,
-        use_generated: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image losses (B,), each the mean over its targets times ``alpha`` (B,), and their mean over
-        the images with a target. Inputs: text (B, T, text_dim) + text_mask, regions (B, K, visual_dim) +
-        geometry (B, K, 5) + region_mask, ``masked`` (B, K) from :func:`reflection_mask`, and optionally the
-        generated images' embeddings (B, visual_dim) + generated_mask, chosen per image by use_generated."""
-        b, k, dv = regions.shape
-        region_mask = region_mask.bool()
-        use = torch.zeros(b, dtype=torch.bool, device=regions.device) if use_generated is None else use_generated.bool()
-        if generated is None:
-            generated, generated_mask = regions.new_zeros(b, dv), torch.zeros_like(use)
-        gen_target = use & (torch.ones_like(use) if generated_mask is None else generated_mask.bool())
-        hide = (masked.bool() & region_mask) | use[:, None]
-        region_target = hide & region_mask & ~use[:, None]
-        slots = torch.where(hide[..., None], self.mask_token, self.region(regions)) + self.geometry(geometry)
-        queries = torch.cat([self.global_token.expand(b, 1, -1), slots], dim=1)
-        keys = torch.cat([self.null_key.expand(b, 1, -1), self.text(text), slots], dim=1)
-        ignore = ~torch.cat([use.new_ones(b, 1), text_mask.bool(), region_mask], dim=1)
-        attended, _ = self.attention(queries, keys, keys, key_padding_mask=ignore, need_weights=False)
-        out = self.norm(queries + attended)
-        slot_keep = torch.cat([use.new_ones(b, 1), region_mask], dim=1)[..., None].float()
-        pooled = (out * slot_keep).sum(1) / slot_keep.sum(1)
-        # Rows: masked regions (target = their own feature), then generated targets; all index one key pool.
-        region_rows = region_target.nonzero()
-        gen_rows = gen_target.nonzero()[:, 0]
-        preds = self.predict(torch.cat([out[:, 1:][region_target], pooled[gen_rows]]))
-        row_image = torch.cat([region_rows[:, 0], gen_rows])
-        target = torch.cat([region_rows[:, 0] * k + region_rows[:, 1], b * k + gen_rows])
-        pool = torch.cat([regions.reshape(b * k, dv), generated])
-        pool_mask = torch.cat([region_mask.reshape(-1), gen_target])
-        others = pool_mask[None, :] & (torch.arange(len(pool), device=pool.device)[None, :] != target[:, None])
-        keys = torch.cat([pool[target][:, None], pool.expand(len(target), -1, -1)], dim=1)
-        key_mask = torch.cat([others.new_ones(len(target), 1), others], dim=1)
-        rows = nce.candidates(preds, keys, key_mask, reduction="none")
-        count = torch.bincount(row_image, minlength=b)
-        per_image = alpha * rows.new_zeros(b).index_add(0, row_image, rows) / count.clamp(min=1)
-        return per_image, per_image.sum() / (count > 0).sum().clamp(min=1)
 
 
 def global_local_loss(

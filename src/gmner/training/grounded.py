@@ -8,9 +8,11 @@ protocol. Writes models/grounded/ (with train_summary.json, which also counts th
 "none" and the gold spans left without a candidate target) and logs to dvclive/grounded.
 
 ``connector: true`` passes the candidates through VTC's shared-private connector, shaped by the ``pretrain``
-params; ``init: pretrain`` (or a checkpoint folder) starts the text encoder and that connector from the
-pretrain stage's checkpoint (models/pretrain), in the checkpoint's shape. So from scratch and pre-trained
-runs of one architecture differ only in ``init``.
+params; ``init: pretrain`` (or a checkpoint folder) starts the text encoder from the pretrain stage's
+checkpoint (models/pretrain), and the connector too when the checkpoint has one (``objects: connector``),
+in the checkpoint's shape. A checkpoint with DLRAM's linear object map has no connector to give: then
+``connector`` decides as from scratch (a fresh one, or none). So from scratch and pre-trained runs of one
+architecture differ only in ``init``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pyarrow as pa
 from gmner.core.params import check_keys, fit_params
 from gmner.models.grounded_tagger import GroundedModel, GroundedTagger, GroundingConfig
 from gmner.models.visual_store import NONE, VisualStore
-from gmner.pretrain.checkpoint import PretrainCheckpoint, connector_settings, encoder_spec, read_checkpoint
+from gmner.pretrain.checkpoint import connector_settings, encoder_spec, init_checkpoint
 from gmner.training.tagger import build_crf_tagger
 from gmner.training.visual import VisualRun, VisualTrainingSet
 
@@ -70,28 +72,23 @@ def grounding_config(cfg: dict, visual_dim: int, connector: dict | None = None) 
     return GroundingConfig(visual_dim=visual_dim, connector=connector, **head)
 
 
-def init_checkpoint(init: str | None, root: Path) -> PretrainCheckpoint | None:
-    """The checkpoint ``init`` names: none, ``pretrain`` (models/pretrain under ``root``) or a folder."""
-    if init in (None, "none"):
-        return None
-    path = Path("models/pretrain" if init == "pretrain" else init)
-    return read_checkpoint(path if path.is_absolute() else root / path)
-
-
 def build_grounded(params: dict, root: Path, train: pa.Table, store: VisualStore) -> GroundedTagger:
-    """A fresh grounded tagger for ``params``: from the ``init`` checkpoint's encoder and connector if any."""
+    """A fresh grounded tagger for ``params``: from the ``init`` checkpoint's encoder, and its connector if it
+    has one."""
     group, fit = params["train_grounded"], fit_params(params, "train_grounded")
     checkpoint = init_checkpoint(group.get("init"), root)
-    connector = None
+    connector, pretrained = None, {}
     if checkpoint is not None:
         checkpoint.check_compatible(store.dim, encoder_spec(fit))
-        connector = checkpoint.config.connector
+        pretrained = checkpoint.module_state("connector")
         fit = dict(fit, encoder=str(checkpoint.encoder_dir))  # its tokenizer too: the same vocabulary
+    if pretrained:
+        connector = checkpoint.config.connector
     elif group.get("connector"):
         connector = connector_settings(params.get("pretrain", {}).get("connector", {}))
     model = build_crf_tagger(fit, train, GroundedTagger, visual=grounding_config(group, store.dim, connector))
-    if checkpoint is not None:
-        model.head.visual.connector.load_state_dict(checkpoint.connector_state())
+    if pretrained:
+        model.head.visual.connector.load_state_dict(pretrained)
     return model
 
 

@@ -1,14 +1,20 @@
-"""The ``train_index`` stage: the index-generation model (gmner.models.index_generation), the H-Index baseline.
+"""The ``train_index`` stage: the index-generation model (gmner.models.index_generation): H-Index, or with
+``init: pretrain`` H-Index + DLRAM.
 
 Optimiser settings come from the ``train`` params, overridden by ``train_index.fit``; the model's from
-``train_index``. Like ``train_grounded`` it reads the detector candidates and their features, selects the
-epoch on dev GMNER F1 (candidates protocol) and trains through the same ``fit``; writes models/index (with
-train_summary.json) and logs to dvclive/index.
+``train_index``. ``init`` names where the encoder inputs start: ``none`` (BART's own embeddings and fresh
+visual projections, H-Index), ``pretrain`` (models/pretrain) or another pretrain checkpoint folder (DLRAM:
+the pre-trained text encoder, image map and object map, gmner.models.visual_projection.AlignedProjection).
+Like ``train_grounded`` it reads the detector candidates and their features, selects the epoch on dev GMNER
+F1 (candidates protocol) and trains through the same ``fit``; writes models/index (with train_summary.json)
+and logs to dvclive/index.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,11 +23,16 @@ import pyarrow as pa
 from gmner.core.params import check_keys
 from gmner.models.index_generation import IndexConfig, IndexGenerator, build_bart
 from gmner.models.tagger import build_labels
+from gmner.models.text_encoder import load_text_encoder
+from gmner.models.visual_projection import AlignedProjection
 from gmner.models.visual_store import VisualStore
+from gmner.pretrain.checkpoint import PretrainCheckpoint, encoder_spec, init_checkpoint
 from gmner.training.grounded import GroundedTrainingSet
 from gmner.training.visual import VisualRun
 
-MODEL_PARAMS = ("model", "tiny", "fit")  # the rest of the group are IndexConfig fields
+log = logging.getLogger(__name__)
+
+MODEL_PARAMS = ("model", "tiny", "fit", "init")  # the rest of the group are IndexConfig fields
 NAME = "index"
 
 
@@ -44,14 +55,26 @@ class IndexTrainingSet(GroundedTrainingSet):
         return batch
 
 
-def build_model(cfg: dict, group: dict, train: pa.Table, visual_dim: int, visual_paths: dict | None = None):
+def build_model(cfg: dict, group: dict, train: pa.Table, visual_dim: int, visual_paths: dict | None = None,
+                checkpoint: PretrainCheckpoint | None = None) -> IndexGenerator:
     """A fresh ``IndexGenerator``: ``cfg`` holds max_length / dropout, ``group`` the ``train_index`` params;
-    types and (for the tiny BART) the vocabulary come from the training split."""
+    types and (for the tiny BART) the vocabulary come from the training split. From a pretrain
+    ``checkpoint``, its text encoder (and tokenizer), image map and object map start the encoder inputs."""
     words = (w for tokens in train.column("tokens").to_pylist() for w in tokens)
     bart, tokenizer = build_bart(group["model"], group.get("tiny", {}), words, cfg["dropout"])
     labels = build_labels(train.column("tags").to_pylist())
-    return IndexGenerator(bart, tokenizer, labels, cfg["max_length"], cfg["dropout"],
-                          visual=index_config(group, visual_dim), visual_paths=visual_paths)
+    visual, text_encoder = index_config(group, visual_dim), None
+    if checkpoint is not None:
+        text_encoder, tokenizer = load_text_encoder(str(checkpoint.encoder_dir), tiny={})
+        visual = replace(visual, aligned=AlignedProjection.shape_of(checkpoint))
+    model = IndexGenerator(bart, tokenizer, labels, cfg["max_length"], cfg["dropout"], visual=visual,
+                           visual_paths=visual_paths, text_encoder=text_encoder)
+    if checkpoint is not None:
+        lacking = model.visual_projection.load_pretrained(checkpoint)
+        if lacking:
+            log.warning("train_index: %s has no %s (switched off in pre-training); they start fresh",
+                        checkpoint.path, ", ".join(lacking))
+    return model
 
 
 def index_config(group: dict, visual_dim: int) -> IndexConfig:
@@ -63,5 +86,8 @@ def run_stage(params: dict, root: str | Path = ".") -> None:
     """Train on data/prepared/{train,dev}.parquet under ``root``; write models/index and dvclive/index."""
     group = params["train_index"]
     run = VisualRun.start(params, root, "train_index", group["top_k"], index_config(group, 1).extras)
-    model = build_model(run.cfg, group, run.train, run.store.dim).to(run.device)
+    checkpoint = init_checkpoint(group["init"], run.root)
+    if checkpoint is not None:
+        checkpoint.check_compatible(run.store.dim, encoder_spec(run.cfg))
+    model = build_model(run.cfg, group, run.train, run.store.dim, checkpoint=checkpoint).to(run.device)
     run.finish(model, NAME, "gmner", IndexTrainingSet)

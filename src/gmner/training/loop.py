@@ -71,10 +71,12 @@ def start_run(seed: int, device: str, threads: int | None = None) -> torch.devic
     return resolve_device(device)
 
 
-def param_groups(model: nn.Module, encoder: nn.Module, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """Encoder at ``lr``, everything else (classifier, CRF, heads) at ``head_lr``; as in nanoGPT, only matrices
-    decay, so biases, LayerNorm weights and the CRF start/end scores do not."""
-    encoder_ids = {id(p) for p in encoder.parameters()}
+def param_groups(model: nn.Module, encoders: Sequence[nn.Module], lr: float, head_lr: float,
+                 weight_decay: float) -> list[dict]:
+    """The ``encoders`` (pre-trained modules) at ``lr``, everything else (classifier, CRF, heads) at
+    ``head_lr``; as in nanoGPT, only matrices decay, so biases, LayerNorm weights and the CRF start/end
+    scores do not."""
+    encoder_ids = {id(p) for encoder in encoders for p in encoder.parameters()}
     groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
@@ -110,7 +112,7 @@ def fit(
     step = step or (lambda batch: (model.loss(batch), {}))
     batch_size, epochs = cfg["batch_size"], cfg["epochs"]
     steps = epochs * math.ceil(len(data) / batch_size)
-    optimizer = torch.optim.AdamW(param_groups(model, model.encoder, cfg["lr"], cfg["head_lr"], cfg["weight_decay"]))
+    optimizer = torch.optim.AdamW(param_groups(model, model.pretrained, cfg["lr"], cfg["head_lr"], cfg["weight_decay"]))
     scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg["warmup_ratio"] * steps), steps)
     shuffle = torch.Generator().manual_seed(seed)
 

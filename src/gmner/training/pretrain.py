@@ -1,12 +1,13 @@
 """The ``pretrain`` stage: vision-to-text alignment (gmner.pretrain.model) before GMNER fine-tuning.
 
-Reads data/prepared/{train,dev}.parquet, the detector candidates and their features, and the synthesize
-stage's verdicts and generated images (gmner.models.visual_store.VisualStore with the "generated" extra). Trains on
-the train split's gold entities with AdamW (encoder at ``lr``, everything else at ``head_lr``, linear warmup
-and decay), logs each component's per-epoch mean on train and, held out, on dev (negatives drawn with the
-same seed every epoch, so dev curves compare) to dvclive/pretrain, and writes the last epoch's checkpoint
-atomically to models/pretrain with pretrain_summary.json (what each objective had to work with).
-``train_grounded.init: pretrain`` starts fine-tuning from it.
+Reads data/prepared/{train,dev}.parquet, the detector candidates and their features, the synthesize stage's
+verdicts and generated images (the "generated" extra of gmner.models.visual_store.VisualStore, for gate or
+t2i) and the masked images of the gold boxes (the "masked" extra, data/features/masked.parquet, for tia).
+Trains on the train split's gold entities with AdamW (encoder at ``lr``, everything else at ``head_lr``,
+linear warmup and decay), logs each component's per-epoch mean on train and, held out, on dev (negatives
+drawn with the same seed every epoch, so dev curves compare) to dvclive/pretrain, and writes the last epoch's
+checkpoint atomically to models/pretrain with pretrain_summary.json (what each objective had to work with).
+``train_grounded.init: pretrain`` and ``train_index.init: pretrain`` start fine-tuning from it.
 """
 
 from __future__ import annotations
@@ -39,12 +40,21 @@ SUMMARY_FILE = "pretrain_summary.json"
 MODEL_PARAMS = tuple(f.name for f in fields(PretrainConfig) if f.name != "visual_dim")
 
 
+def visual_extras(cfg: PretrainConfig) -> tuple[str, ...]:
+    """The VisualStore extras the switches read: the synthesize stage's verdicts (gate, t2i) and generated
+    images (t2i) come with "generated", TIA's masked images with "masked"."""
+    return switched_extras(generated=cfg.gate or cfg.t2i, masked=cfg.tia)
+
+
 class AlignmentSet:
     """A split's tweets encoded once, with their visual inputs and gold entities; ``batch`` collates any
     subset for ``AlignmentModel.losses``. ``unencoded`` counts the gold entities left out because none of
     their words kept a subword (truncation)."""
 
     def __init__(self, model: AlignmentModel, table: pa.Table, store: VisualStore):
+        missing = set(visual_extras(model.cfg)) - set(store.extras)
+        if missing:  # the objectives would see no verdicts, generated or masked images: terms of 0, not errors
+            raise ValueError(f"pretrain {model.cfg.components} needs the visual extras {sorted(missing)}")
         self.model, self.epoch = model, 0
         self.visuals, self.coverage = store.lookup_table(table)
         self.encoded, self.alignment = model.encode(table.column("tokens").to_pylist())
@@ -114,8 +124,8 @@ def build_model(params: dict, train: pa.Table, store: VisualStore) -> AlignmentM
 
 
 def evaluate(model: AlignmentModel, data: AlignmentSet, batch_size: int, seed: int) -> dict[str, float]:
-    """Each component's mean over ``data`` in eval mode (and their weighted sum's, and tia / eoa before the
-    gate's weighting), negatives drawn from ``seed``."""
+    """Each component's mean over ``data`` in eval mode (and their weighted sum's, and tia and local before
+    the gate's and the coupling's weighting), negatives drawn from ``seed``."""
     rng, sums = np.random.default_rng(seed), Counter()
     with evaluating(model):
         for start in range(0, len(data), batch_size):
@@ -157,9 +167,8 @@ def run_stage(params: dict, root: str | Path = ".") -> None:
     started = time.perf_counter()
     train, dev = read_train_dev(root)
     cfg = model_config(params[NAME], 1)
-    # The synthesize stage's verdicts (gate, t2i) and generated images (t2i) come with the "generated" extra.
     store = VisualStore.read({key: root / path for key, path in DEFAULT_PATHS.items()}, cfg.top_k,
-                             switched_extras(generated=cfg.gate or cfg.t2i))
+                             visual_extras(cfg))
     device = start_run(seed, params["base"]["device"], fit_cfg.get("threads"))
     model = build_model(params, train, store).to(device)
     train_set, dev_set = AlignmentSet(model, train, store), AlignmentSet(model, dev, store)

@@ -1,4 +1,5 @@
-"""The features stage: CLIP / ViT embeddings of original images, detector regions, generated images and texts.
+"""The features stage: CLIP / ViT embeddings of original images, detector regions, masked images, generated images
+and texts.
 
 One encoder (``features.backend``: open_clip, transformers clip, or transformers vit) embeds everything through
 the cached per-item runner. Outputs under data/features/, each sorted by its key (schemas in gmner.core.schema):
@@ -8,6 +9,10 @@ the cached per-item runner. Outputs under data/features/, each sorted by its key
                      ``patch_tokens``.
 - regions.parquet    (:func:`~gmner.core.schema.region_features_schema`) one row per image of data/regions.parquet:
                      one embedding per box, in the detector's order, of the box cropped from the image.
+- masked.parquet     (:func:`~gmner.core.schema.masked_features_schema`) DLRAM's reflection inputs: one row per
+                     distinct image of the ``features.masked.splits`` tweets with a gold box; ``boxes``, the
+                     distinct gold boxes of its tweets (sorted), and one embedding per box of the whole image with
+                     that box filled (``features.masked.fill``: its mean colour, its blur, or CLIP's mean pixel).
 - generated.parquet  (:func:`~gmner.core.schema.image_features_schema` without tokens) one row per generated PNG of
                      data/synthesized.parquet.
 - text.parquet       (:func:`~gmner.core.schema.text_features_schema`) one row per tweet: the embedding of its words;
@@ -24,27 +29,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image, ImageFilter, ImageStat
 
 from gmner.core import schema
 from gmner.core.atomic import parquet_writer
 from gmner.core.errors import DataError
 from gmner.core.hashing import digest
-from gmner.core.params import check_keys
+from gmner.core.images import LoadedImage
+from gmner.core.params import ParamError, check_keys
 from gmner.vision.cache import ItemCache
+from gmner.vision.detect import gold_boxes
 from gmner.vision.inputs import ImageLoad, distinct_images, image_policy, prepared_tables, tweet_text
 from gmner.vision.models import ImageEncoder, embed_images, load_image_encoder
 from gmner.vision.runner import ARRAYS, Item, StageRun, combined_summary, run_items, stage_device, write_summary
 
 PARAMS = (  # the keys of the `features` params group
     "backend", "model", "pretrained", "tiny", "precision", "batch_size", "num_workers", "patch_tokens", "text",
-    "max_pixels", "max_side", "policy",
+    "max_pixels", "max_side", "policy", "masked",
 )
+MASKED_PARAMS = ("splits", "fill", "blur_radius")  # the keys of features.masked
+FILLS = ("mean", "blur", "gray")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation mean: a gray box preprocesses to ~0
 
 ROW_GROUP_BYTES = 64 << 20  # embeddings per Parquet row group; real-size patch tokens are ~600 KB an image
 
@@ -56,21 +67,55 @@ class RegionCrops(ImageLoad):
     def __call__(self, payload):
         path, boxes = payload
         loaded = self.open(path)
-        sx, sy = loaded.scale
-        w, h = loaded.image.size
-        crops = []
-        for x0, y0, x1, y1 in boxes:
-            # Whole pixels on the loaded image, at least one of them, inside it.
-            left, top = min(math.floor(x0 * sx), w - 1), min(math.floor(y0 * sy), h - 1)
-            right, bottom = max(math.ceil(x1 * sx), left + 1), max(math.ceil(y1 * sy), top + 1)
-            crops.append(loaded.image.crop((left, top, min(right, w), min(bottom, h))))
+        crops = [loaded.image.crop(_pixel_box(loaded, box)) for box in boxes]
         return self.preprocess(crops) if crops else None
+
+
+@dataclass(frozen=True)
+class MaskedCopies(ImageLoad):
+    """``load`` of a (path, boxes in original pixels) payload: per box, a copy of the whole image with the box
+    filled (``fill``, one of FILLS), preprocessed together [G, 3, H, W]; without ``preprocess`` the PIL copies."""
+
+    fill: str = "mean"
+    blur_radius: float = 16.0  # pixels of the loaded image
+
+    def __call__(self, payload):
+        path, boxes = payload
+        loaded = self.open(path)
+        source = self._fill_source(loaded.image)
+        copies = []
+        for box in boxes:
+            region = _pixel_box(loaded, box)
+            copy = loaded.image.copy()
+            copy.paste(source if isinstance(source, tuple) else source.crop(region), region)
+            copies.append(copy)
+        return copies if self.preprocess is None else self.preprocess(copies)
+
+    def _fill_source(self, image: Image.Image) -> tuple[int, int, int] | Image.Image:
+        """An RGB colour, or an image whose pixels in each box replace the box's (blurred once for all boxes)."""
+        if self.fill == "blur":
+            return image.filter(ImageFilter.GaussianBlur(self.blur_radius))
+        if self.fill == "gray":
+            return tuple(round(255 * c) for c in CLIP_MEAN)
+        return tuple(round(c) for c in ImageStat.Stat(image).mean)
+
+
+def _pixel_box(loaded: LoadedImage, box) -> tuple[int, int, int, int]:
+    """An xyxy box in original pixels as whole pixels of the loaded (maybe downscaled) image: at least one of
+    them, inside it."""
+    sx, sy = loaded.scale
+    w, h = loaded.image.size
+    x0, y0, x1, y1 = box
+    left, top = min(math.floor(x0 * sx), w - 1), min(math.floor(y0 * sy), h - 1)
+    right, bottom = max(math.ceil(x1 * sx), left + 1), max(math.ceil(y1 * sy), top + 1)
+    return left, top, min(right, w), min(bottom, h)
 
 
 def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     """Embed every input; returns the summary on the main process (None on other ranks)."""
     base, cfg, root = params["base"], params["features"], Path(root)
     check_keys("features", cfg, PARAMS)
+    fill = _fill_settings(cfg["masked"], params["prepare"]["files"])
     device = stage_device(base["device"])
     cache_root = root / base["cache_root"]
     encoder = load_image_encoder(cfg, base["seed"], device, where="features.model",
@@ -103,9 +148,19 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
         [Item(region_keys[row["image_sha256"]], (_path_of(row["image_sha256"], originals), row["boxes"]))
          for row in regions],
         cache=ItemCache(cache_root, "features-region", encoder.fingerprint),
-        compute=lambda crops: _embed_regions(encoder, crops, rows),
+        compute=lambda crops: _embed_stacks(encoder, crops, rows),
         load=RegionCrops(cfg["max_pixels"], cfg["max_side"], encoder.preprocess),
         desc="features regions", **common,
+    )
+    by_split = dict(zip(params["prepare"]["files"], tables))
+    masked = _masked_images([by_split[split] for split in cfg["masked"]["splits"]])
+    masked_keys = {row["image_sha256"]: digest(row["image_sha256"], row["boxes"], fill) for row in masked}
+    runs["masked"] = run_items(
+        [Item(masked_keys[row["image_sha256"]], (originals[row["image_sha256"]], row["boxes"])) for row in masked],
+        cache=ItemCache(cache_root, "features-masked", encoder.fingerprint),
+        compute=lambda copies: _embed_stacks(encoder, copies, rows),
+        load=MaskedCopies(cfg["max_pixels"], cfg["max_side"], encoder.preprocess, **fill),
+        desc="features masked", **common,
     )
     tweets = sorted(((row["tweet_id"], row["split"], tweet_text(row["tokens"]))
                      for table in tables for row in table.select(["tweet_id", "split", "tokens"]).to_pylist()),
@@ -124,11 +179,39 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     token_shape = encoder.token_shape if cfg["patch_tokens"] else None
     _write_images(out / "images.parquet", runs["images"], dim, token_shape)
     _write_images(out / "generated.parquet", runs["generated"], dim, None)
-    _write_regions(out / "regions.parquet", regions, region_keys, runs["regions"], dim)
+    _write_stacks(out / "regions.parquet", schema.region_features_schema(dim), regions, region_keys,
+                  runs["regions"], dim)
+    _write_stacks(out / "masked.parquet", schema.masked_features_schema(dim), masked, masked_keys, runs["masked"], dim)
     _write_text(out / "text.parquet", tweets, text_keys, runs["text"], dim)
     summary = {"backend": cfg["backend"], "model": cfg["model"], "dim": dim, **combined_summary(runs)}
     write_summary(root / "data" / "features_summary.json", summary, "features")
     return summary
+
+
+def _fill_settings(cfg: dict, splits: Collection[str]) -> dict:
+    """``features.masked`` checked against the splits of ``prepare.files``: the MaskedCopies settings the masked
+    images depend on (part of their item keys; blur_radius only for fill: blur)."""
+    check_keys("features.masked", cfg, MASKED_PARAMS)
+    chosen, fill, radius = cfg["splits"], cfg["fill"], cfg["blur_radius"]
+    if not isinstance(chosen, list) or not all(isinstance(s, str) and s in splits for s in chosen):
+        raise ParamError("features.masked.splits", f"{chosen!r} is not a list of prepare.files splits "
+                                                   f"({', '.join(splits)})")
+    if fill not in FILLS:
+        raise ParamError("features.masked.fill", f"{fill!r} is not one of {', '.join(FILLS)}")
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not radius > 0:
+        raise ParamError("features.masked.blur_radius", f"{radius!r} is not a number of pixels > 0")
+    return {"fill": fill, "blur_radius": float(radius)} if fill == "blur" else {"fill": fill}
+
+
+def _masked_images(tables: list[pa.Table]) -> list[dict]:
+    """{image_sha256, boxes}, sorted by image_sha256, of every image with a gold box in ``tables``: the distinct
+    gold boxes of all its tweets, sorted."""
+    boxes: dict[str, set] = {}
+    for table in tables:
+        for sha, found in gold_boxes(table).items():
+            boxes.setdefault(sha, set()).update(map(tuple, found.tolist()))
+    return [{"image_sha256": sha, "boxes": [list(box) for box in sorted(boxes[sha])]}
+            for sha in sorted(boxes) if boxes[sha]]
 
 
 def _required(path: Path, stage: str) -> Path:
@@ -154,12 +237,13 @@ def _path_of(sha: str, originals: dict[str, str]) -> str:
         raise DataError("data/regions.parquet", f"image {sha} is in no prepared split; rerun detect") from None
 
 
-def _embed_regions(encoder: ImageEncoder, crops: list[torch.Tensor | None], rows: int) -> list[dict]:
-    """One [K, dim] array per image; the crops of the whole batch go through the model ``rows`` at a time."""
-    counts = [0 if c is None else len(c) for c in crops]
-    flat = [c for c in crops if c is not None]
+def _embed_stacks(encoder: ImageEncoder, stacks: list[torch.Tensor | None], rows: int) -> list[dict]:
+    """One [K, dim] array per stack of K preprocessed images (an image's region crops or masked copies; None:
+    K = 0); the images of the whole batch go through the model ``rows`` at a time."""
+    counts = [0 if s is None else len(s) for s in stacks]
+    flat = [s for s in stacks if s is not None]
     if not flat:
-        return [{"embeddings": np.zeros((0, encoder.dim), np.float32)} for _ in crops]
+        return [{"embeddings": np.zeros((0, encoder.dim), np.float32)} for _ in stacks]
     pooled = encoder.images(torch.cat(flat), rows, tokens=False)[0].numpy()
     splits = np.split(pooled, np.cumsum(counts)[:-1])
     return [{"embeddings": part.reshape(n, encoder.dim)} for part, n in zip(splits, counts)]
@@ -190,9 +274,10 @@ def _write_images(path: Path, run: StageRun, dim: int, token_shape: tuple[int, i
     _write_groups(path, table_schema, shas, table_of, 4 * (dim + math.prod(token_shape or (0,))))
 
 
-def _write_regions(path: Path, regions: list[dict], keys: dict[str, str], run: StageRun, dim: int) -> None:
-    """``regions`` sorted by image_sha256; ``keys``: image_sha256 -> item key."""
-    table_schema = schema.region_features_schema(dim)
+def _write_stacks(path: Path, table_schema: pa.Schema, images: list[dict], keys: dict[str, str], run: StageRun,
+                  dim: int) -> None:
+    """One row per image of ``images`` (image_sha256 and boxes, sorted by image_sha256; ``keys``: image_sha256 ->
+    item key): its [K, dim] embeddings, and its boxes where ``table_schema`` has them (masked, not regions)."""
 
     def table_of(rows: Sequence[dict]) -> pa.Table:
         found = [run.outcome(keys[row["image_sha256"]]) for row in rows]
@@ -200,13 +285,16 @@ def _write_regions(path: Path, regions: list[dict], keys: dict[str, str], run: S
         offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         values = np.concatenate([r["embeddings"] for r, _ in found if r] or [np.zeros((0, dim), np.float32)])
         vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), dim)
-        embeddings = pa.ListArray.from_arrays(offsets, vectors, type=pa.list_(schema.vector(dim)),
-                                              mask=pa.array([r is None for r, _ in found]))
-        return pa.Table.from_arrays([pa.array([row["image_sha256"] for row in rows], pa.string()), embeddings,
-                                     pa.array([reason for _, reason in found], pa.string())], schema=table_schema)
+        columns = {"image_sha256": pa.array([row["image_sha256"] for row in rows], pa.string()),
+                   "embeddings": pa.ListArray.from_arrays(offsets, vectors, type=pa.list_(schema.vector(dim)),
+                                                          mask=pa.array([r is None for r, _ in found])),
+                   "skip_reason": pa.array([reason for _, reason in found], pa.string())}
+        if "boxes" in table_schema.names:
+            columns["boxes"] = pa.array([row["boxes"] for row in rows], table_schema.field("boxes").type)
+        return pa.Table.from_pydict(columns, schema=table_schema)
 
-    most = max((len(row["boxes"]) for row in regions), default=1)
-    _write_groups(path, table_schema, regions, table_of, 4 * dim * most)
+    most = max((len(row["boxes"]) for row in images), default=1)
+    _write_groups(path, table_schema, images, table_of, 4 * dim * most)
 
 
 def _write_text(path: Path, tweets: list[tuple[str, str, str]], keys: dict[str, str], run: StageRun,
