@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gmner.core.params import seed_everything
+from gmner.core.params import ParamError, seed_everything
 from gmner.models.index_generation import IndexGenerator
 from gmner.models.losses import grounding_loss
 from gmner.models.pointer_decoding import (
@@ -29,7 +29,7 @@ from gmner.models.predictor import load
 from gmner.models.visual_model import VisualPredictor
 from gmner.models.visual_store import VisualStore
 from gmner.pretrain.checkpoint import read_checkpoint
-from gmner.training.index import IndexTrainingSet, build_model, run_stage
+from gmner.training.index import IndexTrainingSet, build_model, index_config, run_stage
 from gmner.training.loop import param_groups
 from gmner.training.pretrain import build_model as build_alignment
 
@@ -309,3 +309,14 @@ def test_index_model_starts_from_a_dlram_checkpoint(tmp_path, monkeypatch, objec
     loaded = load(tmp_path / "index")
     assert loaded.model.visual_cfg == model.visual_cfg and _same(loaded.model, model)
     assert loaded.predict(tweets, tables[0]).equals(VisualPredictor(model.eval(), store).predict(tweets))
+
+
+def test_bad_head_and_init_are_the_params_one_line_errors(tmp_path):
+    with pytest.raises(ParamError, match="^train_index: head must be one of"):
+        index_config({**GROUP, "head": "tree"}, DIM)
+    tweets, *tables = tiny_dataset()
+    write_tables(write_splits(tmp_path, {"train": tweets, "dev": tweets}), tables)
+    params = repo_params("train.threads=0", "train.max_length=32")
+    params["train_index"].update(GROUP, init=str(tmp_path / "nowhere"))
+    with pytest.raises(ParamError, match="^train_index.init: .*nowhere/pretrain.json: not a pretrain checkpoint"):
+        run_stage(params, tmp_path)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gmner.core.params import ParamError
 from gmner.models.connector import ConnectorConfig
 from gmner.models.tagger import ENCODER_DIR
 
@@ -140,10 +141,17 @@ def read_checkpoint(path: str | Path) -> PretrainCheckpoint:
                               saved["encoder"])
 
 
-def init_checkpoint(init: str | None, root: Path) -> PretrainCheckpoint | None:
-    """The checkpoint a fine-tuning stage's ``init`` param names: none, ``pretrain`` (models/pretrain under
-    ``root``) or a folder."""
+def init_checkpoint(init: str | None, root: Path, where: str, visual_dim: int,
+                    encoder: dict) -> PretrainCheckpoint | None:
+    """The checkpoint a fine-tuning stage's ``init`` param (``where``, e.g. train_index.init) names: none,
+    ``pretrain`` (models/pretrain under ``root``) or a folder; checked against the fine-tuning features' size
+    and `train` encoder params. A missing, old or incompatible one is a ParamError naming the param."""
     if init in (None, "none"):
         return None
     path = Path("models/pretrain" if init == "pretrain" else init)
-    return read_checkpoint(path if path.is_absolute() else root / path)
+    try:
+        checkpoint = read_checkpoint(path if path.is_absolute() else root / path)
+        checkpoint.check_compatible(visual_dim, encoder)
+    except (FileNotFoundError, ValueError) as err:
+        raise ParamError(where, str(err)) from None
+    return checkpoint

@@ -76,10 +76,9 @@ def build_grounded(params: dict, root: Path, train: pa.Table, store: VisualStore
     """A fresh grounded tagger for ``params``: from the ``init`` checkpoint's encoder, and its connector if it
     has one."""
     group, fit = params["train_grounded"], fit_params(params, "train_grounded")
-    checkpoint = init_checkpoint(group.get("init"), root)
+    checkpoint = init_checkpoint(group.get("init"), root, "train_grounded.init", store.dim, encoder_spec(fit))
     connector, pretrained = None, {}
     if checkpoint is not None:
-        checkpoint.check_compatible(store.dim, encoder_spec(fit))
         pretrained = checkpoint.module_state("connector")
         fit = dict(fit, encoder=str(checkpoint.encoder_dir))  # its tokenizer too: the same vocabulary
     if pretrained:

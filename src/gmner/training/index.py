@@ -20,7 +20,7 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from gmner.core.params import check_keys
+from gmner.core.params import ParamError, check_keys
 from gmner.models.index_generation import IndexConfig, IndexGenerator, build_bart
 from gmner.models.tagger import build_labels
 from gmner.models.text_encoder import load_text_encoder
@@ -79,15 +79,16 @@ def build_model(cfg: dict, group: dict, train: pa.Table, visual_dim: int, visual
 
 def index_config(group: dict, visual_dim: int) -> IndexConfig:
     check_keys("train_index", group, (*MODEL_PARAMS, *IndexConfig.__dataclass_fields__))
-    return IndexConfig(visual_dim=visual_dim, **{k: v for k, v in group.items() if k not in MODEL_PARAMS})
+    try:
+        return IndexConfig(visual_dim=visual_dim, **{k: v for k, v in group.items() if k not in MODEL_PARAMS})
+    except ValueError as err:  # a value the model cannot take: the param's one-line error
+        raise ParamError("train_index", str(err)) from None
 
 
 def run_stage(params: dict, root: str | Path = ".") -> None:
     """Train on data/prepared/{train,dev}.parquet under ``root``; write models/index and dvclive/index."""
     group = params["train_index"]
     run = VisualRun.start(params, root, "train_index", group["top_k"], index_config(group, 1).extras)
-    checkpoint = init_checkpoint(group["init"], run.root)
-    if checkpoint is not None:
-        checkpoint.check_compatible(run.store.dim, encoder_spec(run.cfg))
+    checkpoint = init_checkpoint(group["init"], run.root, "train_index.init", run.store.dim, encoder_spec(run.cfg))
     model = build_model(run.cfg, group, run.train, run.store.dim, checkpoint=checkpoint).to(run.device)
     run.finish(model, NAME, "gmner", IndexTrainingSet)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from gmner.core.atomic import atomic_dir, write_json
-from gmner.core.params import check_keys, fit_params
+from gmner.core.params import ParamError, check_keys, fit_params
 from gmner.models.tagger import evaluating
 from gmner.models.text_encoder import load_text_encoder
 from gmner.models.visual_store import DEFAULT_PATHS, VisualStore, collate_visual, feature_statistics, switched_extras
@@ -111,7 +111,10 @@ class AlignmentSet:
 def model_config(group: dict, visual_dim: int) -> PretrainConfig:
     """The model's config from the ``pretrain`` params (the ``fit`` overrides set aside)."""
     check_keys(NAME, group, ("fit", *MODEL_PARAMS))
-    return PretrainConfig(visual_dim=visual_dim, **{k: v for k, v in group.items() if k in MODEL_PARAMS})
+    try:
+        return PretrainConfig(visual_dim=visual_dim, **{k: v for k, v in group.items() if k in MODEL_PARAMS})
+    except ValueError as err:  # a value the model cannot take: the param's one-line error
+        raise ParamError(NAME, str(err)) from None
 
 
 def build_model(params: dict, train: pa.Table, store: VisualStore) -> AlignmentModel:
