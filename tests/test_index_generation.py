@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gmner.core.params import ParamError, seed_everything
-from gmner.models.index_generation import IndexGenerator
+from gmner.models.index_generation import IndexGenerator, build_bart
 from gmner.models.losses import grounding_loss
 from gmner.models.pointer_decoding import (
     EOS,
@@ -320,3 +320,24 @@ def test_bad_head_and_init_are_the_params_one_line_errors(tmp_path):
     params["train_index"].update(GROUP, init=str(tmp_path / "nowhere"))
     with pytest.raises(ParamError, match="^train_index.init: .*nowhere/pretrain.json: not a pretrain checkpoint"):
         run_stage(params, tmp_path)
+
+
+def test_a_pretrained_bart_starts_its_symbols_from_their_names(tmp_path):
+    tweets, *_ = tiny_dataset()
+    names = ["which", "region", "no", "person", "location"]
+    bart, tokenizer = build_bart("tiny", GROUP["tiny"], [w for t in tweets.column("tokens").to_pylist() for w in t]
+                                 + names * 2)  # seen twice: whole words in the vocabulary
+    bart.save_pretrained(tmp_path / "bart")
+    tokenizer.save_pretrained(tmp_path / "bart")
+    model = build_model(CFG, {**GROUP, "model": str(tmp_path / "bart")}, tweets, DIM)  # a local folder: not tiny
+    embed = model.encoder.get_encoder().embed_tokens.weight
+    vocab = model.tokenizer.get_vocab()
+    with torch.no_grad():
+        assert torch.allclose(model.symbol.weight[GROUNDABLE], embed[[vocab["which"], vocab["region"]]].mean(0))
+        assert torch.allclose(model.symbol.weight[UNGROUNDABLE], embed[[vocab["no"], vocab["region"]]].mean(0))
+        loc, per = (model.layout({"words": torch.zeros(1, 1, 1), "regions": torch.zeros(1, 0, 1)}).first_type + i
+                    for i in range(2))  # types sorted: LOC, PER
+        assert torch.equal(model.symbol.weight[loc], embed[vocab["location"]])
+        assert torch.equal(model.symbol.weight[per], embed[vocab["person"]])
+    # The tiny BART (random, its own vocabulary) keeps random symbols.
+    assert not torch.equal(_model(tweets).symbol.weight[GROUNDABLE], model.symbol.weight[GROUNDABLE])

@@ -46,9 +46,11 @@ from gmner.models.losses import grounding_loss
 from gmner.models.pointer_decoding import (
     BOS,
     EOS,
+    GROUNDABLE,
     HEADS,
     NO_REGION,
     SYMBOLS_PER_ENTITY,
+    UNGROUNDABLE,
     Constraints,
     Entity,
     Layout,
@@ -78,6 +80,7 @@ from gmner.models.visual_projection import AlignedProjection, VisualProjection
 from gmner.models.visual_store import NONE, ImageVisual, switched_extras
 
 TEXT_ENCODER_DIR = "text_encoder"  # the pre-trained text encoder of an aligned model, beside encoder/ (BART)
+TYPE_NAMES = {"PER": "person", "LOC": "location", "ORG": "organization", "OTHER": "others", "MISC": "miscellaneous"}
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,21 @@ class IndexGenerator(GroundedModel, WordTagger):
     @property
     def pretrained(self) -> list[nn.Module]:
         return [self.encoder] + ([self.text_encoder] if self.text_encoder is not None else [])
+
+    def init_symbols_from_names(self) -> None:
+        """H-Index's start for a pre-trained BART: each indicator / type / EOS / BOS embedding (C) is the mean
+        of BART's token embeddings of its name (``which region``, ``no region``, ``person``, ...)."""
+        if self.visual_cfg.head != "hierarchical" or self.text_encoder is not None:
+            raise ValueError("symbol names index BART's own vocabulary: hierarchical head, init none only")
+        layout = Layout(len(self.types), 0, 0, "hierarchical")
+        names = {EOS: self.tokenizer.eos_token or self.tokenizer.sep_token, GROUNDABLE: "which region",
+                 UNGROUNDABLE: "no region", self.n_vocab: self.tokenizer.bos_token or self.tokenizer.cls_token}
+        names.update({layout.first_type + i: TYPE_NAMES.get(t, t.lower()) for i, t in enumerate(self.types)})
+        embed = self.encoder.get_encoder().embed_tokens
+        with torch.no_grad():
+            for symbol, name in names.items():
+                ids = self.tokenizer(name, add_special_tokens=False)["input_ids"]
+                self.symbol.weight[symbol] = embed(torch.tensor(ids, device=self.device)).mean(dim=0)
 
     @property
     def parts(self) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ import pyarrow as pa
 from gmner.core.params import ParamError, check_keys
 from gmner.models.index_generation import IndexConfig, IndexGenerator, build_bart
 from gmner.models.tagger import build_labels
-from gmner.models.text_encoder import load_text_encoder
+from gmner.models.text_encoder import TINY, load_text_encoder
 from gmner.models.visual_projection import AlignedProjection
 from gmner.models.visual_store import VisualStore
 from gmner.pretrain.checkpoint import PretrainCheckpoint, encoder_spec, init_checkpoint
@@ -69,6 +69,8 @@ def build_model(cfg: dict, group: dict, train: pa.Table, visual_dim: int, visual
         visual = replace(visual, aligned=AlignedProjection.shape_of(checkpoint))
     model = IndexGenerator(bart, tokenizer, labels, cfg["max_length"], cfg["dropout"], visual=visual,
                            visual_paths=visual_paths, text_encoder=text_encoder)
+    if checkpoint is None and group["model"] != TINY and visual.head == "hierarchical":
+        model.init_symbols_from_names()  # a pre-trained BART: its embeddings of the symbols' names
     if checkpoint is not None:
         lacking = model.visual_projection.load_pretrained(checkpoint)
         if lacking:
