@@ -13,14 +13,14 @@ candidates, switched-off inputs): nothing absent is read as a zero vector.
 Decoder output per entity (gmner.models.pointer_decoding), with ``head``:
 
 - ``hierarchical`` (default; H-Index / DLRAM Eqs. 7-13): start word, end word, GROUNDABLE / UNGROUNDABLE,
-  type; then EOS. Scores are dot products of the decoder state with the indicator / type / EOS embeddings
-  C (which also embed those symbols as decoder inputs, Eq. 9) and with the word keys (T + MLP(H_T)) / 2
-  (Eq. 8). The region distribution over the K candidates only, keys (V + MLP(H_V)) / 2 (Eqs. 11, 12), is
-  read from the decoder state whose input is a GROUNDABLE indicator; it is trained by KL to the IoU soft
-  labels (or cross-entropy on their best candidate) over the groundable entities a candidate covers only
-  (Eq. 13) beside the sequence cross-entropy (Eq. 10): Eq. 14. As in the public H-Index code, an entity
-  with a gold box that no candidate covers is trained as UNGROUNDABLE (nothing could be pointed at). A
-  pointed word is fed back to the decoder as its text input embedding.
+  type; then EOS. Scores are dot products (scaled by 1 / sqrt(d)) of the decoder state with the indicator /
+  type / EOS embeddings C (which also embed those symbols as decoder inputs, Eq. 9) and with the word keys
+  (T + MLP(H_T)) / 2 (Eq. 8). The region distribution over the K candidates only, keys (V + MLP(H_V)) / 2
+  (Eqs. 11, 12), is read from the decoder state whose input is a GROUNDABLE indicator; it is trained by KL
+  to the IoU soft labels (or cross-entropy on their best candidate) over the groundable entities a candidate
+  covers only (Eq. 13) beside the sequence cross-entropy (Eq. 10): Eq. 14. As in the public H-Index code, an
+  entity with a gold box that no candidate covers is trained as UNGROUNDABLE (nothing could be pointed at).
+  A pointed word is fed back to the decoder as its text input embedding.
 - ``flat``: start word, end word, type, then NONE or a candidate, one joint softmax; scaled dot products
   with plain projections of the encoder states; a pointer fed back is embedded as the encoder state it
   points at; the region option (NONE included) trained with KL / CE at every entity's region step.
@@ -64,15 +64,11 @@ from gmner.models.pointer_decoding import (
 )
 from gmner.models.tagger import (
     ENCODER_DIR,
-    HEAD_FILE,
-    MODEL_FILE,
     CRFTagger,
     EncodedTweet,
     WordTagger,
     length_batches,
-    load_non_encoder_weights,
     predicting,
-    save_with_encoder,
 )
 from gmner.models.text_encoder import DEFAULT_TINY_VOCAB, TINY, build_wordpiece_tokenizer, load_text_encoder
 from gmner.models.visual_model import VisualPredictor, load_visual_predictor
@@ -183,8 +179,6 @@ class IndexGenerator(GroundedModel, WordTagger):
         self.n_vocab = Layout(len(self.types), 0, 0, visual.head).word0  # EOS, indicators or NONE, types
         self.symbol = nn.Embedding(self.n_vocab + 1, d)  # + BOS, an input only
         if visual.head == "hierarchical":  # C of Eq. 9 are the symbol embeddings themselves
-            # Scored by plain dot products with decoder states, C starts at the scale of BART's own token
-            # embeddings (what H-Index initialises them from), not nn.Embedding's unit variance.
             self.key_mlp = nn.Sequential(nn.Linear(d, d), nn.Dropout(dropout), nn.ReLU(), nn.Linear(d, d))
         else:
             self.vocab = nn.Linear(d, self.n_vocab)
@@ -212,31 +206,22 @@ class IndexGenerator(GroundedModel, WordTagger):
 
     @property
     def parts(self) -> tuple[str, ...]:
-        """The submodules saved as pretrained folders of their own."""
         return (ENCODER_DIR,) + ((TEXT_ENCODER_DIR,) if self.text_encoder is not None else ())
+
+    @classmethod
+    def load_parts(cls, model_dir: Path, config: dict) -> dict:
+        """An aligned model's pre-trained text encoder, from text_encoder/ beside encoder/ (BART)."""
+        if config["visual"].get("aligned") is None:
+            return {}
+        return {"text_encoder": load_text_encoder(str(model_dir / TEXT_ENCODER_DIR), tiny={})[0]}
 
     def fit_feature_statistics(self, visuals: Sequence[ImageVisual]) -> None:
         """An aligned model keeps the pre-training statistics its image and object maps were trained on."""
         if self.visual_cfg.aligned is None:
             super().fit_feature_statistics(visuals)
 
-    def save(self, model_dir: str | Path) -> None:
-        """model.json, encoder/ (BART and the tokenizer), text_encoder/ when aligned, head.safetensors."""
-        save_with_encoder(self, model_dir, HEAD_FILE, MODEL_FILE, self.config(), self.parts)
-
-    @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "IndexGenerator":
-        model_dir = Path(model_dir)
-        config = CRFTagger.read_config(model_dir, cls.kind)
-        encoder, tokenizer = load_text_encoder(str(model_dir / ENCODER_DIR), tiny={})
-        text_encoder = None
-        if config["visual"].get("aligned") is not None:
-            text_encoder, _ = load_text_encoder(str(model_dir / TEXT_ENCODER_DIR), tiny={})
-        model = cls(encoder, tokenizer, config["labels"], config["max_length"], config["dropout"],
-                    visual=IndexConfig(**config["visual"]), visual_paths=config["visual_paths"],
-                    text_encoder=text_encoder)
-        load_non_encoder_weights(model, model_dir / HEAD_FILE, model.parts)
-        return model.to(device).eval()
+    save = CRFTagger.save  # model.json + encoder/ (+ text_encoder/) + head.safetensors, as the taggers
+    load = classmethod(CRFTagger.load.__func__)
 
     # --- batches -------------------------------------------------------------------------------------------
 
@@ -358,13 +343,12 @@ class IndexGenerator(GroundedModel, WordTagger):
         layout, rules = self.layout(states), self.constraints(states)
         hierarchical = layout.head == "hierarchical"
         targets = [build_target(entities, layout) for entities in batch["entities"]]
-        steps = max(map(len, targets))
-        inputs = torch.full((len(targets), steps), EOS, dtype=torch.long)
+        inputs = _teacher_inputs(targets)
+        steps = inputs.shape[1]
         gold = torch.full((len(targets), steps), -100, dtype=torch.long)  # -100: ignored (padding)
         allowed_mask = torch.ones((len(targets), steps, layout.size), dtype=torch.bool)
         region_at, region_targets = [], []
         for b, (seq, entities) in enumerate(zip(targets, batch["entities"])):
-            inputs[b, : len(seq)] = torch.tensor([BOS] + seq[:-1])
             soft = batch["region_targets"][b]
             for i, symbol in enumerate(seq):
                 allowed_mask[b, i] = torch.from_numpy(allowed(seq[:i], layout, rules[b]))
@@ -431,12 +415,9 @@ class IndexGenerator(GroundedModel, WordTagger):
             seqs = beam_decode(step, layout, rules, self.visual_cfg.beam_size)
         regions: list[list[int]] = [[] for _ in seqs]
         if layout.head == "hierarchical" and any(region_steps(seq, layout) for seq in seqs):
-            width = max(map(len, seqs))
-            inputs = torch.full((len(seqs), width), EOS, dtype=torch.long)
-            for b, seq in enumerate(seqs):
-                inputs[b, : len(seq)] = torch.tensor([BOS] + seq[:-1])
             tweets = torch.arange(len(seqs), device=self.device)
-            chosen = self.symbol_logits(states, tweets, inputs.to(self.device)).regions.argmax(dim=-1).cpu()
+            inputs = _teacher_inputs(seqs).to(self.device)
+            chosen = self.symbol_logits(states, tweets, inputs).regions.argmax(dim=-1).cpu()
             regions = [chosen[b, region_steps(seq, layout)].tolist() for b, seq in enumerate(seqs)]
         return [parse_sequence(seq, layout, r) for seq, r in zip(seqs, regions)], layout
 
@@ -463,6 +444,14 @@ def _padded(target: np.ndarray, size: int) -> np.ndarray:
     out[: len(target)] = target
     return out
 
+
+def _teacher_inputs(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(n, max length) decoder inputs of whole sequences: BOS then each sequence but its last symbol, padded
+    with EOS, so position i's state predicts symbol i."""
+    inputs = torch.full((len(seqs), max(map(len, seqs))), EOS, dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        inputs[b, : len(seq)] = torch.tensor([BOS, *seq[:-1]])
+    return inputs
 
 
 def load_predictor(model_dir, device: torch.device) -> VisualPredictor:

@@ -120,6 +120,11 @@ class WordTagger(nn.Module):
         """The modules that start from pre-trained weights: they train at the encoder learning rate."""
         return [self.encoder]
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The submodules a model folder holds as pretrained folders of their own (save_with_encoder)."""
+        return (ENCODER_DIR,)
+
     def encode(
         self, token_lists: Sequence[Sequence[str]], contexts: Sequence[Sequence[str] | None] | None = None
     ) -> tuple[list[EncodedTweet], Alignment]:
@@ -253,32 +258,32 @@ class CRFTagger(WordTagger):
         return self.crf.decode(self.emissions(batch, states), mask=batch["word_mask"])
 
     def save(self, model_dir: str | Path) -> None:
-        """Write ``model.json`` (kind, labels, config), the encoder and tokenizer, and the head weights."""
-        save_with_encoder(self, model_dir, HEAD_FILE, MODEL_FILE, self.config())
+        """Write ``model.json`` (kind, labels, config), the encoder and tokenizer (and any other pretrained
+        part, ``parts``), and the head weights."""
+        save_with_encoder(self, model_dir, HEAD_FILE, MODEL_FILE, self.config(), self.parts)
 
     def config(self) -> dict:
         """What ``model.json`` holds: the kind and the constructor arguments besides encoder and tokenizer."""
         return {"kind": self.kind, "labels": self.labels, "max_length": self.max_length, "dropout": self.dropout_p}
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, tokenizer, config: dict) -> "CRFTagger":
-        return cls(encoder, tokenizer, config["labels"], config["max_length"], config["dropout"])
+    def from_config(cls, encoder: nn.Module, tokenizer, config: dict, **parts) -> "CRFTagger":
+        return cls(encoder, tokenizer, config["labels"], config["max_length"], config["dropout"], **parts)
 
-    @staticmethod
-    def read_config(model_dir: Path, kind: str) -> dict:
-        """A model folder's model.json, refused unless it is of ``kind``."""
-        config = json.loads((model_dir / MODEL_FILE).read_text())
-        if config.get("kind") != kind:
-            raise ValueError(f"{model_dir / MODEL_FILE}: kind {config.get('kind')!r} is not {kind!r}")
-        return config
+    @classmethod
+    def load_parts(cls, model_dir: Path, config: dict) -> dict:
+        """The pretrained parts besides the encoder, loaded from their folders, as constructor arguments."""
+        return {}
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> "CRFTagger":
         model_dir = Path(model_dir)
-        config = cls.read_config(model_dir, cls.kind)
+        config = json.loads((model_dir / MODEL_FILE).read_text())
+        if config.get("kind") != cls.kind:
+            raise ValueError(f"{model_dir / MODEL_FILE}: kind {config.get('kind')!r} is not {cls.kind!r}")
         encoder, tokenizer = load_text_encoder(str(model_dir / ENCODER_DIR), tiny={})
-        tagger = cls.from_config(encoder, tokenizer, config)
-        load_non_encoder_weights(tagger, model_dir / HEAD_FILE)
+        tagger = cls.from_config(encoder, tokenizer, config, **cls.load_parts(model_dir, config))
+        load_non_encoder_weights(tagger, model_dir / HEAD_FILE, tagger.parts)
         return tagger.to(device).eval()
 
 

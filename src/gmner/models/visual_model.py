@@ -77,10 +77,10 @@ class VisualModel:
         return {**CRFTagger.config(self), "visual": asdict(self.visual_cfg), "visual_paths": self.visual_paths}
 
     @classmethod
-    def from_config(cls, encoder: nn.Module, tokenizer, config: dict):
+    def from_config(cls, encoder: nn.Module, tokenizer, config: dict, **parts):
         return cls(
             encoder, tokenizer, config["labels"], config["max_length"], config["dropout"],
-            visual=cls.visual_config(**config["visual"]), visual_paths=config["visual_paths"],
+            visual=cls.visual_config(**config["visual"]), visual_paths=config["visual_paths"], **parts,
         )
 
     def read_store(self, paths: dict | None = None) -> VisualStore:
