@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import random
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -22,6 +24,7 @@ from PIL import Image
 
 from gmner import incremental
 from gmner.core import schema
+from gmner.core.bio import spans
 from gmner.core.params import load_params, seed_everything
 from gmner.incremental import SAMPLE_ROOT, Incremental
 from gmner.models.tagger import CRFTagger
@@ -51,6 +54,43 @@ def seeded_tagger(tweets: pa.Table, cls: type[CRFTagger] = CRFTagger, train: dic
 
 
 # --- tiny tweets and visual tables -------------------------------------------------------------------------
+
+NAMES = {
+    "PER": [["Obama"], ["Taylor", "Swift"], ["Messi"], ["Angela", "Merkel"]],
+    "LOC": [["Paris"], ["New", "York"], ["Tokyo"], ["Lagos"]],
+    "ORG": [["NASA"], ["Red", "Cross"], ["Apple"], ["UNICEF"]],
+}
+TEMPLATES = [
+    ["PER", "visited", "LOC", "with", "ORG", "today"],
+    ["great", "news", "from", "ORG", "in", "LOC", "!"],
+    ["PER", "says", "hello", "to", "LOC"],
+    ["ORG", "and", "PER", "meet", "again"],
+]
+
+
+def synthetic_tweets(n: int, seed: int, split: str) -> pa.Table:
+    """Tweets from fixed templates with entity names drawn from small lists: an easy, learnable pattern (of
+    varied lengths: 5 to 9 words)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        tokens, tags = [], []
+        for slot in rng.choice(TEMPLATES):
+            if slot in NAMES:
+                name = rng.choice(NAMES[slot])
+                tags += [f"B-{slot}"] + [f"I-{slot}"] * (len(name) - 1)
+                tokens += name
+            else:
+                tokens.append(slot)
+                tags.append("O")
+        entities = [
+            {"start": s.start, "end": s.end, "type": s.type, "text": " ".join(tokens[s.start : s.end]), "boxes": []}
+            for s in spans(tags)
+        ]
+        rows.append({"tweet_id": f"{split}{i}", "split": split, "source": "synthetic", "tokens": tokens, "tags": tags,
+                     "entities": entities})
+    return pa.Table.from_pylist(rows, schema=schema.TWEETS)
+
 
 DIM, K = 4, 3  # visual feature width; detector candidates per image
 BOXES = [[0, 0, 10, 10], [20, 0, 30, 10], [0, 20, 10, 30]]  # every image's K candidates, best first
@@ -257,14 +297,14 @@ def write_prepared(root: Path) -> dict:
         ("t7", None, ["no", "image", "Berlin"], [(2, 3, "LOC")]),
     ]
     rows = []
-    for tweet_id, name, tokens, spans in tweets:
+    for tweet_id, name, tokens, named in tweets:
         rows.append({
             "tweet_id": tweet_id, "split": "train", "source": f"train.txt:{len(rows) + 1}", "image_id": tweet_id,
             "image_path": f"images/{name or tweet_id}.png", "image_sha256": shas.get(name),
             "width": 40 if name else None, "height": 30 if name else None,
             "tokens": tokens, "tags": ["O"] * len(tokens),
             "entities": [{"start": s, "end": e, "type": t, "text": " ".join(tokens[s:e]), "boxes": []}
-                         for s, e, t in spans],
+                         for s, e, t in named],
         })
     out = root / "data" / "prepared" / "train.parquet"
     out.parent.mkdir(parents=True)
@@ -295,3 +335,57 @@ def generate_sample(params: dict, root: Path) -> None:
 def run_incremental(work: Path, sizes: dict[str, int], every: int) -> Incremental:
     """gmner.incremental's protocol under the empty ``work`` with the repo's params."""
     return incremental.run_incremental(repo_params(data_root=SAMPLE_ROOT, cache_root=".cache"), work, sizes, every)
+
+
+# --- killed and resumed training runs -----------------------------------------------------------------------
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL in the middle of a training run."""
+
+
+def kill_after_checkpoint(monkeypatch, epoch: int) -> None:
+    """Make the training loop die right after writing the checkpoint of ``epoch``."""
+    from gmner.training import resume
+
+    save = resume.save
+
+    def save_then_die(folder, checkpoint, keep):
+        save(folder, checkpoint, keep)
+        if checkpoint["epoch"] == epoch:
+            raise Killed
+
+    monkeypatch.setattr(resume, "save", save_then_die)
+
+
+def same_run(whole: Path, resumed: Path, model: str, weights: Sequence[str], summary: str) -> None:
+    """Assert that models/<model> under ``resumed`` holds the bytes of ``weights`` as under ``whole``, and the
+    same ``summary`` JSON but for timings."""
+    for name in weights:
+        assert (resumed / "models" / model / name).read_bytes() == (whole / "models" / model / name).read_bytes()
+    timings = ("seconds", "wall_seconds", "train_seconds", "train_sentences_per_s")
+
+    def untimed(obj):
+        if isinstance(obj, dict):
+            return {k: untimed(v) for k, v in obj.items() if k not in timings}
+        return [untimed(v) for v in obj] if isinstance(obj, list) else obj
+
+    assert untimed(json.loads((resumed / "models" / model / summary).read_text())) == \
+        untimed(json.loads((whole / "models" / model / summary).read_text()))
+
+
+@contextlib.contextmanager
+def fails_after(seconds: int):
+    """A block that blocks (a read of a FIFO, a hang) raises TimeoutError after ``seconds`` instead of hanging
+    the suite (SIGALRM: the main thread only)."""
+    def stop(*_):
+        raise TimeoutError(f"did not finish in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+

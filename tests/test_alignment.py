@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gmner.core.boxes import iou_matrix
 from gmner.models.losses import InfoNCE
@@ -278,6 +279,7 @@ def test_local_term_matches_each_entity_to_its_best_object():
     assert torch.allclose(got["local_pairs"], nce.pairwise(pooled, pooled, reduction="none"), atol=1e-6)
     # A masked pair is neither in the global nor the local term and has zero relevance.
     masked = global_local_loss(nce, image, text, entities, ones2, objects, ones3, pair_mask=torch.tensor([True, False]))
-    assert masked["relevance"].tolist() == [1.0, 0.0]  # a lone pair is its own best match
+    lone = torch.sigmoid(2.0 * F.cosine_similarity(image[0], text[0], dim=0))  # the pair alone, scale 1 / 0.5
+    assert masked["relevance"][0].item() == pytest.approx(lone.item()) and masked["relevance"][1].item() == 0.0
     assert masked["local_pairs"][1].item() == 0.0
     assert masked["global"].item() == pytest.approx(0.0, abs=1e-6)  # one pair: nothing to contrast

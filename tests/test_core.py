@@ -50,10 +50,11 @@ def test_params_overrides_parse_yaml_values_and_refuse_unknown_keys(tmp_path):
     params = load_params(path, ["train.lr=3e-5", "train_index.fit.epochs=5"])
     assert params["train"] == {"lr": 3e-5, "epochs": 2}
     assert params["train_index"]["fit"] == {"epochs": 5}  # a trainer's fit takes any key of train
-    with pytest.raises(ParamError, match="^train.new.flag: no such param in"):
+    with pytest.raises(ParamError, match="^train.new: unknown param; known: batch_size, dropout, "):
         load_params(path, ["train.new.flag=true"])
-    with pytest.raises(ParamError, match="^train_index.fit.lrr: no such param in"):
+    with pytest.raises(ParamError, match="^train_index.fit.lrr: unknown param; known: batch_size, "):
         load_params(path, ["train_index.fit.lrr=1"])
+    assert load_params(path, ["train_vsgn.hidden=8"])["train_vsgn"] == {"hidden": 8}  # a param the file lacks
     with pytest.raises(ParamError, match="an override is group.key=value"):
         load_params(path, ["train.lr"])
 
@@ -78,19 +79,24 @@ def test_a_trainer_cannot_read_more_candidates_than_detect_keeps(tmp_path):
 def test_config_files_become_checked_overrides_that_load_params_reads_back(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("prepare:\n  files: {train: train.txt}\n  types: [PER]\ntrain:\n  lr: 0.1\n  encoder: tiny\n"
-                      "  tiny: {hidden_size: 8}\n  fit: {}\n")
+                      "  tiny: {hidden_size: 8}\ntrain_vsgn:\n  fit: {}\n")
     config = tmp_path / "twitter2015.yaml"
     config.write_text("prepare:\n  files: {train: train.txt, dev: valid.txt}\n  types: []\n"
-                      "train: {lr: 3.0e-5, encoder: bert-base-cased, tiny: {hidden_size: 16}, fit: {epochs: 2}}\n")
+                      "train: {lr: 3.0e-5, encoder: bert-base-cased, tiny: {hidden_size: 16}, patience: 2}\n"
+                      "train_vsgn: {fit: {epochs: 2}}\n")
     overrides = config_overrides(config, params)
     assert overrides == ["++prepare.files={train: train.txt, dev: valid.txt}", "prepare.types=[]", "train.lr=3.0e-05",
-                         "train.encoder=bert-base-cased", "train.tiny.hidden_size=16", "++train.fit={epochs: 2}"]
+                         "train.encoder=bert-base-cased", "train.tiny.hidden_size=16", "++train.patience=2",
+                         "++train_vsgn.fit={epochs: 2}"]
     loaded = load_params(params, overrides)
     assert loaded["prepare"] == {"files": {"train": "train.txt", "dev": "valid.txt"}, "types": []}
-    assert loaded["train"] == {"lr": 3e-5, "encoder": "bert-base-cased", "tiny": {"hidden_size": 16},
-                               "fit": {"epochs": 2}}
+    assert loaded["train"] == {"lr": 3e-5, "encoder": "bert-base-cased", "tiny": {"hidden_size": 16}, "patience": 2}
+    assert loaded["train_vsgn"] == {"fit": {"epochs": 2}}
     config.write_text("train:\n  lr_typo: 1\n")
-    with pytest.raises(ValueError, match="twitter2015.yaml: train.lr_typo is not a param of"):
+    with pytest.raises(ParamError, match="twitter2015.yaml: train.lr_typo: unknown param; known: "):
+        config_overrides(config, params)
+    config.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ParamError, match=r"twitter2015.yaml: train.lr: -1 is not a number > 0$"):
         config_overrides(config, params)
 
 

@@ -1,4 +1,4 @@
-"""Graph and fusion pieces of VSGN: top-K sparsification, local mask, symmetric KL, masked attention, CIR."""
+"""Graph pieces of VSGN: top-K sparsification, local mask, symmetric KL, masked attention (CIR: test_vsgn.py)."""
 
 import math
 
@@ -7,11 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gmner.models.graphs import (
-    ChannelInhibitoryRouting,
-    ConcatFusion,
     CrossModalAttention,
     SimilarityGraph,
-    WeightedSumFusion,
     attended_adjacency,
     masked_softmax,
     symmetric_kl,
@@ -90,64 +87,3 @@ def test_attended_adjacency_is_a_distribution_over_the_candidate_edges():
     q = attended_adjacency(attention, image, allowed)
     torch.testing.assert_close(q.sum(-1), torch.tensor([[1.0, 1, 1, 0]]))
     assert (q[~allowed] == 0).all() and (q[allowed] > 0).all()
-
-
-def _cir(rho: float = -2.0) -> ChannelInhibitoryRouting:
-    torch.manual_seed(0)
-    cir = ChannelInhibitoryRouting(sources=3, dim=4).eval()
-    with torch.no_grad():
-        cir.weight.zero_()  # equal importance logits for every source and channel
-        cir.rho.fill_(rho)
-    return cir
-
-
-def test_cir_with_all_channels_equal_is_the_identity_up_to_its_scale():
-    """Equal importance logits and the same deviation d in every channel: CIR(x, x, x) = exp(-softplus(rho) d) x."""
-    cir = _cir(rho=0.5)
-    x = torch.randn(2, 4)
-    shift = 0.7
-    with torch.no_grad():
-        cir.running_mean.copy_(x[0] - shift)  # item 0 deviates by `shift` in every channel
-    scale = math.exp(-F.softplus(torch.tensor(0.5)).item() * shift / math.sqrt(1 + cir.eps))
-    out = cir(x[:1, None].expand(1, 3, 4), torch.ones(1, 3, dtype=torch.bool))
-    torch.testing.assert_close(out, scale * x[:1])
-    # One present source: the same, whatever the absent ones hold.
-    sources = torch.stack([x[0], torch.full((4,), 1e3), torch.full((4,), -1e3)])[None]
-    torch.testing.assert_close(cir(sources, torch.tensor([[True, False, False]])), scale * x[:1])
-    # No inhibition (softplus(rho) -> 0): the plain mean of the present sources.
-    cir = _cir(rho=-30.0)
-    sources = torch.randn(1, 3, 4)
-    torch.testing.assert_close(cir(sources, torch.tensor([[True, True, False]])), sources[:, :2].mean(1))
-
-
-def test_cir_inhibits_deviant_channels_and_updates_statistics_in_training_only():
-    cir = _cir(rho=1.0)
-    sources = torch.zeros(1, 3, 4)
-    sources[0, :, 0] = 5.0  # channel 0 far from the running mean 0, the others on it
-    out = cir(sources, torch.ones(1, 3, dtype=torch.bool))
-    assert out[0, 0] < 5.0 * 0.01  # inhibited
-    batch = torch.randn(6, 3, 4) + 2.0
-    present = torch.ones(6, 3, dtype=torch.bool)
-    present[:, 2] = False  # source 2 absent: its statistics stay
-    cir(batch, present)
-    assert torch.equal(cir.running_mean, torch.zeros(3, 4))  # eval: untouched
-    cir.train()
-    first = cir(batch, present)
-    torch.testing.assert_close(cir.running_mean[:2], 0.1 * batch[:, :2].mean(0))
-    assert torch.equal(cir.running_mean[2], torch.zeros(4)) and torch.equal(cir.running_var[2], torch.ones(4))
-    cir.eval()
-    assert not torch.equal(cir(batch, present), first)  # the new statistics are used from the next call on
-    assert torch.equal(cir(batch, torch.zeros(6, 3, dtype=torch.bool)), torch.zeros(6, 4))
-
-
-@pytest.mark.parametrize("fusion", [ConcatFusion, WeightedSumFusion])
-def test_fusion_ablations_are_zero_without_sources_and_ignore_absent_ones(fusion):
-    torch.manual_seed(0)
-    fuse = fusion(3, 4)
-    sources = torch.randn(2, 3, 4)
-    present = torch.tensor([[True, False, True], [False, False, False]])
-    out = fuse(sources, present)
-    assert torch.equal(out[1], torch.zeros(4))
-    noisy = sources.clone()
-    noisy[0, 1] = 1e3
-    assert torch.equal(fuse(noisy, present)[0], out[0])

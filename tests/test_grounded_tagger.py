@@ -11,8 +11,10 @@ from PIL import Image
 from gmner.core import schema
 from gmner.core.images import image_info
 from gmner.incremental import run_pipeline
+from gmner.models.connector import ConnectorOutput
 from gmner.models.grounded_tagger import GroundedTagger, GroundingConfig, span_features
 from gmner.models.predictor import load
+from gmner.models.tagger import CRFTagger
 from gmner.models.visual_model import VisualPredictor
 from gmner.models.visual_store import NONE, VisualStore
 from gmner.training.grounded import GroundedTrainingSet
@@ -99,6 +101,47 @@ def test_connector_head_keeps_the_masks_and_adds_its_balance_term():
         GroundingConfig(visual_dim=DIM, connector={"text_dim": 8})
 
 
+def test_visual_tokens_reach_the_emissions_and_the_crf():
+    tweets, *tables = tiny_dataset()
+    tagger = _tagger(tweets, connector={"dropout": 0.0}, visual_tokens=True).eval()
+    assert tagger.visual_tokens is not None and tagger.visual_cfg.reads_tokens
+    with torch.no_grad():  # a classifier and token map far from their init, so the effects are not tiny
+        for p in [*tagger.classifier.parameters(), *tagger.visual_tokens.parameters()]:
+            p.add_(torch.randn_like(p))
+    batch = GroundedTrainingSet(tagger, tweets, VisualStore(*tables, top_k=K)).batch([0, 1, 2, 3])
+    emissions = tagger.emissions(batch)
+    assert emissions.shape == (4, 5, len(tagger.labels))
+    # Zeroing the connector's output changes the words' emissions of the tweets with candidates only (by
+    # little: the random encoder's 0.02-scale attention weights mix little between positions).
+    connector = tagger.head.visual.connector
+    zero = ConnectorOutput(torch.zeros(4, K, 16), torch.zeros(()), torch.zeros(4, K, 4))
+    with torch.no_grad():
+        connector.forward, real = (lambda *args: zero), connector.forward
+        zeroed = tagger.emissions(batch)
+        connector.forward = real
+    change = (zeroed - emissions).abs().amax(dim=(1, 2))
+    assert change[:2].tolist() == [0.0, 0.0] and (change[2:] > 5e-3).all(), change
+    # Masked candidates are not read: garbage in the slots of tweets 0 and 1 changes nothing.
+    noisy = dict(batch, region_features=batch["region_features"].clone())
+    noisy["region_features"][:2] = 1e3
+    assert torch.equal(tagger.emissions(noisy), emissions)
+    # The CRF loss alone (no grounding, no balance term) trains the connector and the token map.
+    crf_only = _tagger(tweets, connector={"dropout": 0.0}, visual_tokens=True, weight=0.0, balance_weight=0.0)
+    crf_only.loss(batch).backward()
+    grads = [crf_only.head.visual.connector.project[0].weight.grad, crf_only.visual_tokens.project.weight.grad]
+    assert all(grad.abs().sum() > 0 for grad in grads)
+    # Off (the ablation), or without a connector, the encoder reads text only: the CRF tagger's emissions.
+    for off in (_tagger(tweets, connector={"dropout": 0.0}), _tagger(tweets, visual_tokens=True)):
+        off.eval()
+        assert off.visual_tokens is None
+        torch.testing.assert_close(off.emissions(batch), CRFTagger.emissions(off, batch))
+        assert torch.equal(off.emissions(batch), off.emissions(dict(batch, region_features=-batch["region_features"])))
+    with pytest.raises(ValueError, match="visual tokens exceed"):
+        seeded_tagger(tweets, GroundedTagger, train=dict(TINY_TRAIN, max_length=510),
+                      visual=GroundingConfig(visual_dim=DIM, top_k=K, hidden=8, heads=2, connector={},
+                                             visual_tokens=True))
+
+
 def _extra_tables(tweets: pa.Table) -> dict:
     """A caption per image and a generated image per tweet (none for tweet 3)."""
     shas = sorted({sha for sha in tweets.column("image_sha256").to_pylist() if sha})
@@ -152,15 +195,16 @@ def test_training_learns_to_ground_and_predicts_regions_and_none():
         assert all(e["region"] is None for e in tweet if e["type"] == "LOC" or i < 2)
 
 
-def test_save_load_round_trip_and_gmner_predict(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head", [{}, {"connector": {"dropout": 0.0}, "visual_tokens": True}], ids=["plain", "vtc"])
+def test_save_load_round_trip_and_gmner_predict(tmp_path, monkeypatch, head):
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (40, 40), "red").save("new.png")
     sha = image_info("new.png")[0]
     tweets, *tables = tiny_dataset(image_sha=sha)
     write_tables(tmp_path, tables)
-    tagger = _tagger(tweets)
-    with torch.no_grad():  # a head far from its init, so a lost weight would show
-        for p in tagger.head.parameters():
+    tagger = _tagger(tweets, **head)
+    with torch.no_grad():  # a head (and token map) far from its init, so a lost weight would show
+        for p in [*tagger.head.parameters(), *(tagger.visual_tokens.parameters() if head else ())]:
             p.add_(torch.randn_like(p))
     tagger.save(tmp_path / "model")
     assert json.loads((tmp_path / "model" / "model.json").read_text())["visual"]["top_k"] == K

@@ -13,15 +13,28 @@ import torch.nn.functional as F
 from gmner.core import schema
 from gmner.core.params import ParamError, seed_everything
 from gmner.models.grounded_tagger import GroundedTagger
+from gmner.models.losses import InfoNCE
 from gmner.models.text_encoder import load_text_encoder
 from gmner.models.visual_store import VisualStore, collate_visual, feature_statistics
 from gmner.pretrain.checkpoint import COMPONENTS, PretrainConfig, encoder_spec, read_checkpoint
 from gmner.pretrain.model import AlignmentModel
+from gmner.pretrain.objectives import global_local_loss, pair_relevance
 from gmner.training.grounded import build_grounded
 from gmner.training.grounded import run_stage as run_grounded
 from gmner.training.pretrain import AlignmentSet, evaluate, fit_alignment, model_config, run_stage
 
-from helpers import BOXES, DIM, TINY_TRAIN, K, tiny_dataset, write_splits, write_tables
+from helpers import (
+    BOXES,
+    DIM,
+    TINY_TRAIN,
+    K,
+    Killed,
+    kill_after_checkpoint,
+    same_run,
+    tiny_dataset,
+    write_splits,
+    write_tables,
+)
 
 N = 12
 IRRELEVANT = "5"  # the tweet whose original image the synthesize stage judged irrelevant
@@ -169,9 +182,9 @@ def test_one_step_gives_every_component_a_finite_loss_and_gradient():
     # Every tweet with an image is a TIA anchor; the pool holds the masked images of all but tweets 3 and 4.
     assert counts["tia_anchors"] == N - 2 and counts["tia_masked_images"] == N - 4
     # The gate's alpha weights tia and the coupling's relevance local; both are reported before the weight.
-    unweighted = model.losses(data.batch(list(range(N))), np.random.default_rng(0)).unweighted
-    assert set(unweighted) == {"tia", "local"}
-    assert 0 < parts["local"].item() < unweighted["local"]
+    after = model.losses(data.batch(list(range(N))), np.random.default_rng(0))
+    assert set(after.unweighted) == {"tia", "local"}
+    assert 0 < after.components["local"].item() < after.unweighted["local"]
     fixed = _model(_tables(), gate=False, coupling=False, **VTC)[0]
     assert not fixed.losses(data.batch([2, 3]), np.random.default_rng(0)).unweighted
 
@@ -263,6 +276,31 @@ def test_t2i_and_coupling_switches():
     uncoupled, data = _model(tables, coupling=False, **VTC)
     parts = _losses(uncoupled, data)[0]
     assert parts["global"] == parts_on["global"] and parts["local"] > parts_on["local"]  # relevance < 1
+
+
+def test_the_coupling_weight_of_a_pair_is_the_same_in_a_batch_of_2_and_of_8():
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(8, 6, generator=generator), torch.randn(8, 6, generator=generator)
+    entities, objects = torch.randn(8, 2, 6, generator=generator), torch.randn(8, 3, 6, generator=generator)
+    nce = InfoNCE(0.07)
+
+    def terms(n: int, coupling: bool = True) -> dict:
+        return global_local_loss(nce, image[:n], text[:n], entities[:n], torch.ones(n, 2, dtype=torch.bool),
+                                 objects[:n], torch.ones(n, 3, dtype=torch.bool), coupling)
+
+    small, large = terms(2), terms(8)
+    torch.testing.assert_close(small["relevance"], large["relevance"][:2], rtol=0, atol=0)
+    expected = torch.sigmoid(F.cosine_similarity(image[:2], text[:2]) / 0.07)
+    torch.testing.assert_close(small["relevance"], expected)
+    # Each pair's local loss is its uncoupled one times its weight, in either batch.
+    for n, coupled in ((2, small), (8, large)):
+        uncoupled = terms(n, coupling=False)["local_pairs"]
+        torch.testing.assert_close(coupled["local_pairs"], uncoupled * coupled["relevance"])
+    # Hand-sized: orthogonal vectors weigh 1/2, aligned ones sigmoid(1 / 0.07), opposite ones its complement.
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert pair_relevance(nce, a, b).item() == pytest.approx(0.5)
+    assert pair_relevance(nce, a, a).item() == pytest.approx(1 / (1 + math.exp(-1 / 0.07)))
+    assert pair_relevance(nce, a, -a).item() == pytest.approx(1 / (1 + math.exp(1 / 0.07)), rel=1e-4)
 
 
 def test_a_tweet_without_image_contributes_no_image_loss():
@@ -461,3 +499,19 @@ def test_fine_tuning_starts_from_the_pretrain_stage_checkpoint(tmp_path):
     with pytest.raises(ParamError, match="^train_grounded.init: .*not a pretrain checkpoint"):
         build_grounded({**params, "train_grounded": {**params["train_grounded"], "init": str(tmp_path / "none")}},
                        root, tweets, store)
+
+
+@pytest.mark.slow
+def test_a_killed_pretrain_run_resumes_to_the_same_checkpoint_and_counts(tmp_path, monkeypatch):
+    params = _params()
+    params["base"]["cache_root"] = ".cache"
+    params["pretrain"]["fit"]["epochs"] = 3
+    whole, resumed = (_root(tmp_path / name, _tables()) for name in ("whole", "resumed"))
+    run_stage(params, whole)
+    with monkeypatch.context() as patch:
+        kill_after_checkpoint(patch, 1)
+        with pytest.raises(Killed):
+            run_stage(params, resumed)
+    run_stage(params, resumed)  # epochs 2 and 3, with the negatives sampler and first-epoch counts restored
+    same_run(whole, resumed, "pretrain", ["heads.safetensors", "encoder/model.safetensors"], "pretrain_summary.json")
+

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 
 import huggingface_hub.constants
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from gmner.core import schema
 from gmner.core.atomic import atomic_dir
-from gmner.core.bio import spans
 from gmner.core.errors import DataError
 from gmner.models import predictor
 from gmner.models.tagger import CRFTagger, build_labels
@@ -22,42 +19,7 @@ from gmner.models.text_encoder import load_text_encoder
 from gmner.training.loop import param_groups
 from gmner.training.tagger import run_stage
 
-from helpers import TINY, write_splits
-
-NAMES = {
-    "PER": [["Obama"], ["Taylor", "Swift"], ["Messi"], ["Angela", "Merkel"]],
-    "LOC": [["Paris"], ["New", "York"], ["Tokyo"], ["Lagos"]],
-    "ORG": [["NASA"], ["Red", "Cross"], ["Apple"], ["UNICEF"]],
-}
-TEMPLATES = [
-    ["PER", "visited", "LOC", "with", "ORG", "today"],
-    ["great", "news", "from", "ORG", "in", "LOC", "!"],
-    ["PER", "says", "hello", "to", "LOC"],
-    ["ORG", "and", "PER", "meet", "again"],
-]
-
-
-def synthetic_tweets(n: int, seed: int, split: str) -> pa.Table:
-    """Tweets from fixed templates with entity names drawn from small lists: an easy, learnable pattern."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        tokens, tags = [], []
-        for slot in rng.choice(TEMPLATES):
-            if slot in NAMES:
-                name = rng.choice(NAMES[slot])
-                tags += [f"B-{slot}"] + [f"I-{slot}"] * (len(name) - 1)
-                tokens += name
-            else:
-                tokens.append(slot)
-                tags.append("O")
-        entities = [
-            {"start": s.start, "end": s.end, "type": s.type, "text": " ".join(tokens[s.start : s.end]), "boxes": []}
-            for s in spans(tags)
-        ]
-        rows.append({"tweet_id": f"{split}{i}", "split": split, "source": "synthetic", "tokens": tokens, "tags": tags,
-                     "entities": entities})
-    return pa.Table.from_pylist(rows, schema=schema.TWEETS)
+from helpers import TINY, synthetic_tweets, write_splits
 
 
 def params(**train) -> dict:

@@ -1,22 +1,49 @@
 """The `gmner` command: every pipeline stage, plus prediction on new tweets.
 
 Stage commands run exactly what `dvc repro` runs (gmner.pipeline.run, as the scripts in stages/ do), with
-optional `--set group.key=value` overrides of keys params.yaml has, for one-off runs outside DVC.
+optional `--set group.key=value` overrides of params, for one-off runs outside DVC. A mistake in the input,
+the params or the paths ends with one line `error: <where>: <what>` (exit status 2); --debug shows its traceback.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from gmner.core.errors import DataError
 from gmner.pipeline import STAGES, report_user_errors, run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=__doc__)
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read")
 SetOpt = typer.Option(None, "--set", help="override a param, e.g. --set train.lr=3e-5 (repeatable)")
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error (also: GMNER_DEBUG=1)"),
+) -> None:
+    if debug:
+        os.environ["GMNER_DEBUG"] = "1"  # read by report_user_errors, around the whole command
+
+
+def _check_writable(path: Path, folder: bool = False) -> None:
+    """Refuse, before the model runs, an output file (or ``folder``) that cannot be written: a folder where a
+    file goes or the reverse, or under a file or a folder this process may not write to (missing folders on
+    the way are created)."""
+    if path.exists() and path.is_dir() != folder:
+        raise DataError(str(path), "is a file, the output is a folder" if folder else "is a folder, the output a file")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DataError(str(path), f"{parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(str(path), f"the folder {parent} is not writable")
+
 
 def _stage_command(name: str):
     def command(params: Path = ParamsOpt, overrides: Optional[list[str]] = SetOpt) -> None:
@@ -44,14 +71,67 @@ def predict(
     model_dir: Path = typer.Argument(..., help="a trained model folder, e.g. models/tagger"),
     input_path: Path = typer.Argument(..., help="input JSONL"),
     output_path: Path = typer.Argument(..., help="output JSONL"),
-    device: str = typer.Option("cpu", help="cpu, cuda, or auto"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps, or auto"),
     draw: Optional[Path] = typer.Option(
         None, "--draw", help="also draw each line's image with its entities' boxes into DIR/<id>.png", metavar="DIR"
     ),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="where the vision results of the images are cached; default: ./.cache if it exists, "
+        "else ~/.cache/gmner", metavar="DIR"),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 for the vision models (default: as "
+                                            "trained) and the model"),
+    batch_size: int = typer.Option(64, min=1, help="tweets per model batch"),
 ) -> None:
+    from gmner.core.params import resolve_device
     from gmner.predict import predict_jsonl
 
-    predict_jsonl(model_dir, input_path, output_path, device=device, draw_dir=draw)
+    resolve_device(device, "--device")
+    if precision not in (None, "fp32", "fp16", "bf16"):
+        raise DataError("--precision", f"{precision!r} is not one of fp32, fp16, bf16")
+    if not (model_dir / "model.json").is_file():
+        raise DataError(str(model_dir), "not a trained model folder (no model.json), e.g. models/tagger")
+    _check_writable(output_path)
+    if draw is not None:
+        _check_writable(draw, folder=True)
+    predict_jsonl(model_dir, input_path, output_path, device=device, draw_dir=draw, cache=cache, precision=precision,
+                  batch_size=batch_size)
+
+
+@app.command(help="Serve a model folder over HTTP: POST /predict (JSON or multipart), GET / (a page), GET /health.")
+def serve(
+    model_dir: Path = typer.Argument(..., help="a trained model folder, e.g. models/grounded"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(8000, min=0, max=65535),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N, mps, or auto"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="vision results cache (as for predict)", metavar="DIR"),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (as for predict)"),
+    max_request_bytes: int = typer.Option(16 << 20, min=1, help="largest request body"),
+    max_image_pixels: int = typer.Option(40_000_000, min=1, help="largest image, width x height"),
+    max_text_chars: int = typer.Option(4000, min=1, help="longest tweet text"),
+) -> None:
+    from gmner.serve import Limits
+    from gmner.serve import serve as run_server
+
+    if precision not in (None, "fp32", "fp16", "bf16"):
+        raise DataError("--precision", f"{precision!r} is not one of fp32, fp16, bf16")
+    run_server(model_dir, host, port, Limits(max_request_bytes, max_image_pixels, max_text_chars), device=device,
+               cache=cache, precision=precision)
+
+
+@app.command(help="Write a model folder's README.md (a Hugging Face model card), with the evaluate stage's metrics.")
+def card(
+    model_dir: Path = typer.Argument(..., help="a trained model folder, e.g. models/grounded"),
+    metrics: Optional[Path] = typer.Option(None, help="the evaluate stage's metrics JSON; default: "
+                                           "metrics/<folder name>.json when it exists"),
+) -> None:
+    import json
+
+    from gmner.models.card import write_card
+
+    if not (model_dir / "model.json").is_file():
+        raise DataError(str(model_dir), "not a trained model folder (no model.json), e.g. models/tagger")
+    metrics = metrics or Path("metrics") / f"{model_dir.name}.json"
+    typer.echo(write_card(model_dir, metrics=json.loads(metrics.read_text()) if metrics.is_file() else None))
 
 
 @app.command(help="Ablation tables in Markdown (mean ± std over seeds) from `dvc exp show --json` output.")
@@ -89,10 +169,7 @@ def exp_run(
 
     from gmner.core.params import config_overrides
 
-    try:
-        overrides = config_overrides(config, params)
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from None
+    overrides = config_overrides(config, params)
     command = [sys.executable, "-m", "dvc", "exp", "run", *(a for o in overrides for a in ("-S", o)), *ctx.args]
     if dry_run:
         typer.echo(shlex.join(["dvc", *command[3:]]))

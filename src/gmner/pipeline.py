@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-BASE_PARAMS = ("seed", "device", "data_root", "cache_root")  # the shared `base` group every stage reads from
 
 
 @dataclass(frozen=True)
@@ -62,23 +61,41 @@ def configure_logging() -> None:
 def run(name: str, params_path: str | Path = "params.yaml", overrides: list[str] | None = None, **options) -> None:
     """Run stage ``name`` with params.yaml at ``params_path`` and ``overrides``; ``options`` go to its
     ``run_stage`` (evaluate's ``model``)."""
-    from gmner.core.params import check_keys, load_params
+    from gmner.core.params import load_params
 
     configure_logging()
     params = load_params(params_path, overrides)
-    check_keys("base", params.get("base", {}), BASE_PARAMS)
     importlib.import_module(STAGES[name].module).run_stage(params, **options)
 
 
-def report_user_errors(call, *args, **kwargs) -> None:
-    """``call(*args, **kwargs)``, with a user's mistake (bad input, an unknown param, an unreachable model)
-    ending as one line naming it and exit status 2, not a traceback."""
+def user_error(err: BaseException) -> str | None:
+    """The one-line message of a user's mistake, or None for anything else (a bug keeps its traceback).
+
+    Mistakes are bad input and params (DataError), an unreachable model (ModelUnavailable), and an OSError
+    naming a path (missing, a directory where a file should be, not writable, ...), including the stages'
+    own FileNotFoundError("<path>: ... run the X stage first"), which carries no errno."""
     from gmner.core.errors import DataError, ModelUnavailable
 
+    if isinstance(err, (DataError, ModelUnavailable)):
+        return str(err)
+    if isinstance(err, OSError) and err.filename is not None:
+        paths = " -> ".join(str(path) for path in (err.filename, err.filename2) if path is not None)
+        return f"{paths}: {err.strerror or err}"
+    if isinstance(err, FileNotFoundError) and err.errno is None:
+        return str(err)
+    return None
+
+
+def report_user_errors(call, *args, **kwargs) -> None:
+    """``call(*args, **kwargs)``, with a user's mistake (``user_error``) ending as one line ``error: <where>:
+    <what>`` and exit status 2, not a traceback; with GMNER_DEBUG=1 (``gmner --debug``) it keeps the traceback."""
     try:
         call(*args, **kwargs)
-    except (DataError, ModelUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = user_error(err)
+        if message is None or os.environ.get("GMNER_DEBUG") == "1":
+            raise
+        print(f"error: {' '.join(message.splitlines())}", file=sys.stderr)  # one line, whatever the message holds
         raise SystemExit(2) from None
 
 

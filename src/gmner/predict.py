@@ -4,7 +4,12 @@ Input, one JSON object per line: ``{"id": optional str or int, "text": str | "to
 optional path}``. ``text`` is split on whitespace. Output, one line per input line, in order:
 ``{"id", "entities": [{"text", "type", "start", "end", "region", "box"}]}`` with word offsets (``end``
 exclusive); ``id`` is the input's, or the 1-based line number when it is absent or null. Every line is checked
-before the model runs, so a bad file fails fast, naming the file and line.
+before the model runs, so a bad file fails fast, naming the file and line; the input must be a regular file of
+at most :data:`gmner.core.files.TEXT_BYTES`, each line at most :data:`LINE_BYTES`.
+
+Each image is read (bounded, regular files only, header only) before the model runs too: one that is missing
+or unusable (a directory, a FIFO, a device, too big, not an image) is a warning naming the line, its tweet is
+predicted text-only, and a last warning counts them by reason.
 """
 
 from __future__ import annotations
@@ -12,20 +17,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
-
 from gmner.core.atomic import atomic_path
 from gmner.core.errors import DataError
+from gmner.core.files import TEXT_BYTES, MiB, open_input
 from gmner.draw import draw_predictions, png_names
-from gmner.models.predictor import load
+
+LINE_BYTES = MiB  # one input line: a tweet is at most a few KB
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Validated input rows ``{"id", "tokens", "image"}``; a bad line raises DataError at ``path:line``."""
     rows = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            rows.append(_parse_line(line, f"{path}:{number}", number))
+    with open_input(path, TEXT_BYTES) as lines:
+        for number, raw in enumerate(iter(lambda: lines.readline(LINE_BYTES + 1), b""), start=1):
+            where = f"{path}:{number}"
+            if len(raw) > LINE_BYTES:
+                raise DataError(where, f"line longer than {LINE_BYTES} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                at = f"byte {raw[err.start]:#04x} at column {err.start + 1}"
+                raise DataError(where, f"not valid UTF-8 ({at})") from None
+            rows.append(_parse_line(line, where, number))
     if not rows:
         raise DataError(str(path), "no input lines")
     return rows
@@ -38,6 +51,8 @@ def _parse_line(line: str, where: str, number: int) -> dict:
         item = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(where, f"not JSON: {err.msg}") from None
+    except RecursionError:
+        raise DataError(where, "not JSON this reader takes: nested too deeply") from None
     if not isinstance(item, dict):
         raise DataError(where, f"expected a JSON object, got {type(item).__name__}")
     if ("text" in item) == ("tokens" in item):
@@ -62,25 +77,26 @@ def _parse_line(line: str, where: str, number: int) -> dict:
 
 
 def predict_jsonl(model_dir: str | Path, input_path: str | Path, output_path: str | Path, device: str = "cpu",
-                  draw_dir: str | Path | None = None) -> int:
+                  draw_dir: str | Path | None = None, cache: str | Path | None = None, precision: str | None = None,
+                  batch_size: int = 64) -> int:
     """Write predictions for every line of ``input_path`` to ``output_path`` (atomically); returns the count.
 
-    With ``draw_dir``, also draw each line that has an image into ``draw_dir/<id>.png`` (gmner.draw) and print
-    what was drawn; ids are checked as file names before the model runs.
+    A visual model runs its recorded vision pipeline on the lines' images (gmner.api), its results cached
+    under ``cache``. With ``draw_dir``, also draw each line that has an image into ``draw_dir/<id>.png``
+    (gmner.draw) and print what was drawn; ids are checked as file names before the model runs.
     """
-    from gmner.core.params import resolve_device
+    from gmner.api import Predictor, image_identities, tweets_table
 
     rows = read_jsonl(input_path)
     ids, images = [row["id"] for row in rows], [row["image"] for row in rows]
     if draw_dir is not None:
         png_names(ids, images, str(input_path))
-    tweets = pa.table({
-        "tweet_id": [str(i) for i in range(len(rows))],  # positions: input ids need not be unique
-        "tokens": [row["tokens"] for row in rows],
-        "image_path": images,
-    })
-    predictions = load(model_dir, resolve_device(device)).predict(tweets).column("entities").to_pylist()
-    entities = [[_entity(row["tokens"], e) for e in found] for row, found in zip(rows, predictions)]
+    tokens = [row["tokens"] for row in rows]
+    # Each image's identity is read here once, so that a bad one is named by its line before the model runs.
+    tweets = tweets_table(tokens, images, image_identities(images, str(input_path)))
+    predictor = Predictor(model_dir, device, cache, precision, batch_size)
+    predictions = predictor.predict_table(tweets).column("entities").to_pylist()
+    entities = [[_entity(words, e) for e in found] for words, found in zip(tokens, predictions)]
     with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for item_id, found in zip(ids, entities):
             out.write(json.dumps({"id": item_id, "entities": found}, ensure_ascii=False) + "\n")

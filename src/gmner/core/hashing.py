@@ -1,4 +1,8 @@
-"""Content hashes: canonical digests of JSON-able parts (cache keys, fingerprints) and memoised file sha256."""
+"""Content hashes: canonical digests of JSON-able parts (cache keys, fingerprints) and memoised file sha256.
+
+Files are hashed through :func:`gmner.core.files.open_input`: only regular files (a FIFO or device named as a
+model file is a :class:`gmner.core.files.Refused`, not a hang), streamed, of any size (model weights are GBs).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import json
 from pathlib import Path
 
 from gmner.core.atomic import write_text
+from gmner.core.files import open_input
 
 
 def digest(*parts) -> str:
@@ -28,7 +33,7 @@ def _file_sha256(path: str, size: int, mtime_ns: int, memo: str | None) -> str:
     if memo_file is not None and memo_file.exists():
         return memo_file.read_text().strip()
     sha = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_input(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             sha.update(chunk)
     if memo_file is not None:

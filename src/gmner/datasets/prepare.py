@@ -8,7 +8,9 @@ Formats:
 - ``conll-mner``: Twitter-2015 / 2017 CoNLL splits and images, no boxes.
 
 Paths are kept as the caller spells them (relative paths from params stay relative) so the output is
-byte-identical across clones; rows keep file order.
+byte-identical across clones; rows keep file order. Every file read is a bounded read of a regular file
+(:mod:`gmner.core.files`), and an image or xml file must resolve (links followed) inside ``images_dir`` /
+``xml_dir``: anything else is ``bad_image`` / ``bad_xml`` with the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pyarrow as pa
 from gmner.core import bio
 from gmner.core.atomic import write_json, write_parquet
 from gmner.core.errors import DataError, Policy, checked_actions
-from gmner.core.images import image_info
+from gmner.core.images import BadImage, read_image_info
 from gmner.core.params import check_keys
 from gmner.core.schema import TWEETS
 from gmner.datasets.readers import box_problem, clip_box, read_conll, read_voc
@@ -36,7 +38,10 @@ FORMATS = ("twitter-gmner", "conll-mner")
 
 # Policy reason -> the actions it allows (see params.yaml `prepare.policy`); a reason the caller leaves out is "error".
 REASONS = {
+    "empty_file": ("error", "skip"),  # the split's CoNLL file is empty or blank; skip: its table is empty
     "malformed_line": ("error", "skip"),  # skip: drop the line
+    "bad_id": ("error", "skip"),  # IMGID that is no plain file name (separator, "..", control character)
+    "token_whitespace": ("error", "repair"),  # repair: strip the spaces around a token or tag
     "unknown_tag": ("error", "skip", "repair"),  # skip: drop the token line; repair: tag it O
     "orphan_inside": ("error", "repair"),  # repair: I-X -> B-X
     "empty_tweet": ("error", "skip"),
@@ -44,6 +49,8 @@ REASONS = {
     "bad_encoding": ("error", "skip", "repair"),  # skip: drop the tweet; repair: U+FFFD for the bad bytes
     "bad_xml": ("error", "skip"),  # skip: the tweet's entities become ungroundable
     "name_not_in_tweet": ("error", "skip"),  # skip: drop that xml object
+    "ambiguous_object": ("error", "skip"),  # an xml object with two <name> or two <bndbox>; skip: drop it
+    "xml_size_mismatch": ("error", "skip", "repair"),  # skip: drop the xml's boxes; repair: scale them
     "bad_box": ("error", "skip"),  # skip: drop that box
     "box_overhang": ("error", "skip", "repair"),  # within box_tolerance px of the image; repair: clip to it
     "missing_image": ("error", "skip"),  # skip: the tweet stays, text-only (null image_sha256)
@@ -77,7 +84,7 @@ def prepare_split(
     text_path = Path(text_path)
     pol = make_policy(policy)
     allowed = set(types) if types else None
-    if text_path.is_file():
+    if os.path.lexists(text_path):
         tweets = read_conll(text_path, pol, allowed)
     else:
         pol.handle("missing_file", text_path.as_posix(), f"no {split} file")
@@ -88,13 +95,13 @@ def prepare_split(
     rows = []
     for tweet in tweets:
         image_path = images_dir / f"{tweet.id}{image_ext}"
-        sha, width, height = _image_fields(image_path, image_path.name in images, tweet.id, pol)
+        sha, width, height = _image_fields(image_path, images_dir, image_path.name in images, tweet.id, pol)
         spans = bio.spans(tweet.tags)
         texts = [" ".join(tweet.tokens[s.start : s.end]) for s in spans]
         boxes: dict[str, list] = {}
         if f"{tweet.id}.xml" in xmls:
             xml_path = Path(xml_dir, f"{tweet.id}.xml")
-            boxes, width, height = _voc_boxes(xml_path, set(texts), width, height, pol, box_tolerance)
+            boxes, width, height = _voc_boxes(xml_path, xml_dir, set(texts), width, height, pol, box_tolerance)
         rows.append(
             {
                 "tweet_id": tweet.id,
@@ -159,43 +166,57 @@ def _listing(folder: str | os.PathLike) -> set[str]:
         return set()
 
 
-def _image_fields(path: Path, present: bool, tweet_id: str, pol: Policy) -> tuple[str | None, int | None, int | None]:
+def _image_fields(path: Path, folder: Path, present: bool, tweet_id: str,
+                  pol: Policy) -> tuple[str | None, int | None, int | None]:
     """(sha256, width, height) of the tweet's image; all None when it is missing or unreadable."""
     if not present:
         pol.handle("missing_image", path.as_posix(), f"tweet {tweet_id}: no image file")
         return None, None, None
-    info = image_info(path)
-    if info is None:
-        pol.handle("bad_image", path.as_posix(), f"tweet {tweet_id}: not a readable image")
+    try:
+        return read_image_info(path, root=folder)
+    except BadImage as exc:
+        reason = "missing_image" if exc.kind == "missing_image" else "bad_image"
+        pol.handle(reason, path.as_posix(), f"tweet {tweet_id}: {exc.reason}")
         return None, None, None
-    return info
 
 
 def _voc_boxes(
-    path: Path, texts: set[str], width: int | None, height: int | None, pol: Policy, tolerance: float
+    path: Path, folder: Path, texts: set[str], width: int | None, height: int | None, pol: Policy, tolerance: float
 ) -> tuple[dict[str, list], int | None, int | None]:
     """Checked boxes of the xml's objects grouped by entity text, and the image size to use.
 
-    The xml's <size> (the frame its boxes were drawn in) wins over the image header. A bad object or box
-    is dropped alone; an unparseable file under ``skip`` leaves every entity ungroundable.
+    The xml's <size> (the frame its boxes were drawn in) is the image size when the image has none; when both
+    are known and differ that is ``xml_size_mismatch`` (repair: boxes scaled to the image). A bad object or
+    box is dropped alone; an unreadable file under ``skip`` leaves every entity ungroundable.
     """
     try:
-        voc = read_voc(path)
+        voc = read_voc(path, root=folder)
     except DataError as e:
         pol.handle("bad_xml", e.where, e.reason)
         return {}, width, height
-    if voc.width is not None:
+    scale = (1.0, 1.0)
+    if voc.width is not None and width is not None and (voc.width, voc.height) != (width, height):
+        msg = f"<size> {voc.width}x{voc.height} but the image is {width}x{height}"
+        if pol.handle("xml_size_mismatch", path.as_posix(), msg) == "skip":
+            return {}, width, height
+        scale = (width / voc.width, height / voc.height)
+    elif voc.width is not None:
         width, height = voc.width, voc.height
     out: dict[str, list] = {}
     for k, obj in enumerate(voc.objects, 1):
         at = f"{path.as_posix()}: object {k}"
+        if obj.repeated:
+            tags = " and ".join(f"<{tag}>" for tag in obj.repeated)
+            pol.handle("ambiguous_object", at, f"more than one {tags}: which one is meant is unknown")
+            continue
         if obj.name not in texts:
             pol.handle("name_not_in_tweet", at, f"<name> {obj.name!r} is no entity of the tweet")
             continue
         if obj.box is None:
             pol.handle("bad_box", at, f"{obj.name!r}: <bndbox> missing or not numeric")
             continue
-        box = obj.box
+        x1, y1, x2, y2 = obj.box
+        box = (x1 * scale[0], y1 * scale[1], x2 * scale[0], y2 * scale[1])
         problem = box_problem(box, width, height)
         if problem and problem[0] == "outside" and problem[1] <= tolerance:
             msg = f"{obj.name!r}: box {list(box)} passes the {width}x{height} image by {problem[1]:g} px"

@@ -39,6 +39,8 @@ def run_stage(params: dict, model: str = "tagger", root: str | Path = ".") -> No
     root = Path(root)
     cfg = params["evaluate"]
     check_keys("evaluate", cfg, PARAMS)
+    seed_everything(params["base"]["seed"])
+    predictor = load(root / "models" / model, resolve_device(params["base"]["device"]))  # a missing model fails first
     prepared = root / "data" / "prepared"
     splits = {}
     for split in cfg["splits"]:
@@ -48,9 +50,6 @@ def run_stage(params: dict, model: str = "tagger", root: str | Path = ".") -> No
     if not splits:
         raise DataError(str(prepared), f"none of the splits {cfg['splits']} has a non-empty prepared .parquet file")
     regions = pq.read_table(root / cfg["regions"]) if cfg.get("regions") else None
-
-    seed_everything(params["base"]["seed"])
-    predictor = load(root / "models" / model, resolve_device(params["base"]["device"]))
     scores = {}
     for split, tweets in splits.items():
         predictions = _checked_predictions(predictor.predict(tweets, regions), tweets, model, split)

@@ -1,7 +1,8 @@
-"""BGA-MNER: the CRF text tagger trained with bidirectional generative alignment in CLIP feature space.
+"""BGA-MNER: the CRF tagger with bidirectional generative alignment in CLIP feature space, and a cross-modal
+interaction that reads real image features in training and features generated from the text at inference.
 
-Inference is ``CRFTagger`` unchanged and reads text only; the image shapes the text encoder during training
-alone, through two generation objectives over the matched ("entity-salient") parts of each tweet-image pair:
+Two generation objectives over the matched ("entity-salient") parts of each tweet-image pair train the
+generators:
 
 - text2image: every word state ``h_w`` generates an object feature ``o_w`` in the (per-dimension
   standardised) CLIP image space; pooled over the kept words, with attention tilted by ``salience`` toward
@@ -9,10 +10,31 @@ alone, through two generation objectives over the matched ("entity-salient") par
   map) the whole-image embedding;
 - image2text: the whole image and every kept region generate a text-space vector; their mean generates the
   pooled text representation (the same pooling of ``h_w``) and, through one more linear map, the CLIP text
-  embedding of the tweet (extras "text", with ``text_target``).
+  embedding of the tweet (extras "text", with ``text_target``);
+- cycle consistency between the two generators (``cycle``): text -> image -> text maps each word state
+  through ``o_w`` back to the word-state space, image -> text -> image each region through the text space
+  back to the region space; each is ``1 - cos`` to where it started (the word state a fixed target).
 
-Each term is InfoNCE over the batch (gmner.models.losses), a cosine regression, or both (``loss``); with the
-regression alone the image2text text target is a stop-gradient, since a trainable target could collapse.
+Each generation term is InfoNCE over the batch (gmner.models.losses), a cosine regression, or both
+(``loss``); with the regression alone the image2text text target is a stop-gradient, since a trainable target
+could collapse.
+
+Inference (``inference: generated``, :class:`CrossModalInteraction`): the word states attend to visual
+slots, and a per-channel gate adds what they read before the emissions and the CRF. In training a tweet
+with an image reads its real slots (the whole image and its regions), except a ``generated_share`` of them
+drawn per step; a tweet without one, and every tweet at inference, reads the slots text2image generates from
+its own words (the imagined image and each word's object ``o_w``), so the image is never read at inference
+and what the generators learned is used. The entity salience of that pooling comes from the model's own
+spans: those of a first, text-only CRF pass (the same classifier and CRF on the unfused states), which its
+own CRF loss trains beside the fused pass's. ``inference: text_only`` (the ablation) has no interaction:
+the tagger is the text CRF trained with the generation terms as a regulariser.
+
+What the abstract leaves open, and the choice here: where the generated features enter (word states attend to
+them before the CRF, a gated residual); real or generated features in training (real where the image exists,
+``generated_share`` of those generated); which generated features (the pooled imagined image and every word's
+object); whether the interaction trains the generators (no: generated slots enter detached, so they stay
+stand-ins for the real features, shaped by the generation and cycle terms only); the salience at inference
+(a first text-only CRF pass); the cycle's form (cosine, both directions, through the existing generators).
 
 The context sampler keeps only the matched parts of a pair. A word and a region match by the mean of the
 two directions' cosines, ``(cos(o_w, r_k) + cos(h_w, g(r_k))) / 2``; a word is kept when its best region
@@ -22,11 +44,11 @@ stages that start at given epochs: stage 1 typically keeps everything (-1), whil
 random, and later stages keep less. ``ContextSampler.counts`` counts, per stage, the pairs, the words and
 regions seen and kept, and the tweets left out for lack of an image.
 
-Missing inputs are left out of the terms, never zero-filled: a tweet without image features is in no
-generation term (as anchor or negative), one without candidates in no region term, one without a CLIP text
-embedding in no text-feature term. A batch without any image adds nothing and draws no random numbers, and
-the heads are initialised from a fork of the random state, so on data without images training is step for
-step the text tagger's (same seed: same weights, same predictions).
+Missing inputs are left out of the generation terms, never zero-filled: a tweet without image features is in
+no generation term (as anchor or negative), one without candidates in no region term, one without a CLIP text
+embedding in no text-feature term. A batch without any image adds no generation term and draws no random
+numbers, and the heads are initialised from a fork of the random state, so with ``inference: text_only`` on
+data without images training is step for step the text tagger's (same seed: same weights, same predictions).
 """
 
 from __future__ import annotations
@@ -52,8 +74,10 @@ from gmner.models.visual_store import ImageVisual, feature_statistics, switched_
 log = logging.getLogger(__name__)
 
 LOSSES = ("infonce", "cosine", "both")
+INFERENCE = ("generated", "text_only")
 KEEP_ALL = -1.0  # a threshold at or below the least cosine keeps every word and region
-TERMS = ("image", "regions", "text", "clip_text")  # text2image: image, regions; image2text: text, clip_text
+# text2image: image, regions; image2text: text, clip_text; cycle: both generators, each way round.
+TERMS = ("image", "regions", "text", "clip_text", "cycle")
 
 
 @dataclass(frozen=True)
@@ -69,10 +93,17 @@ class BGAConfig:
     text_target: bool = True  # the tweet's CLIP text embedding is an image2text target
     stage_epochs: tuple[int, ...] = (1, 5, 9)  # first epoch of each sampler stage
     thresholds: tuple[float, ...] = (KEEP_ALL, 0.0, 0.2)  # per stage: least similarity kept
+    cycle_weight: float = 0.1  # of the cycle-consistency term
+    inference: str = "generated"  # generated: the interaction reads generated features; text_only: no interaction
+    generated_share: float = 0.5  # of the training tweets with an image, read generated features (per step)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"bga loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.inference not in INFERENCE:
+            raise ValueError(f"bga inference must be one of {INFERENCE}, got {self.inference!r}")
+        if not 0 <= self.generated_share <= 1:
+            raise ValueError(f"generated_share must be in [0, 1], got {self.generated_share}")
         # YAML and model.json give lists; the config is frozen and hashable.
         object.__setattr__(self, "stage_epochs", tuple(int(e) for e in self.stage_epochs))
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
@@ -160,6 +191,15 @@ class ContextSampler:
         counts["regions_kept"] += int(regions.sum())
         return words, regions
 
+    def state_dict(self) -> dict:
+        """What a resumed training run restores (the epoch is set again by the trainer)."""
+        return {"counts": self.counts, "loss_sums": [[*key, *total] for key, total in self._loss_sums.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts.clear()  # in place: the trainer's summary holds this dict
+        self.counts.update(state["counts"])
+        self._loss_sums = {(stage, term): [total, n] for stage, term, total, n in state["loss_sums"]}
+
     def record_losses(self, losses: dict[str, torch.Tensor]) -> None:
         counts = self.stage_counts()
         for term, value in losses.items():
@@ -173,9 +213,37 @@ def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
 
 
+def _reconstruction(generated: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - cos`` of ``generated`` against ``target`` (..., D) where ``mask`` (...); 0 where none."""
+    if not mask.any():
+        return generated.new_zeros(())
+    return (1 - F.cosine_similarity(generated[mask], target[mask], dim=-1)).mean()
+
+
+class CrossModalInteraction(nn.Module):
+    """Word states (B, W, H) attend to visual slots (B, S, d, standardised CLIP space; masked slots ignored,
+    each tweet needs one); a per-channel gate of the state and what it read decides how much is added:
+    ``LayerNorm(h + g * attend(h, V))``."""
+
+    def __init__(self, visual_dim: int, text_dim: int, dropout: float):
+        super().__init__()
+        self.visual = nn.Sequential(nn.Linear(visual_dim, text_dim), nn.LayerNorm(text_dim))
+        self.attention = nn.MultiheadAttention(text_dim, 1, dropout=dropout, batch_first=True)
+        self.gate = nn.Linear(2 * text_dim, text_dim)
+        self.norm = nn.LayerNorm(text_dim)
+
+    def forward(self, states: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keys = self.visual(slots)
+        # key_padding_mask marks what to IGNORE, hence the negation.
+        read, _ = self.attention(states, keys, keys, key_padding_mask=~mask, need_weights=False)
+        gate = torch.sigmoid(self.gate(torch.cat([states, read], dim=-1)))
+        return self.norm(states + gate * read)
+
+
 class GenerationHeads(FeatureStandardiser):
-    """The training-only generators and the text pooling they share; standardises the CLIP region, image
-    and (its own addition) text embeddings."""
+    """The generators and the text pooling they share; standardises the CLIP region, image and (its own
+    addition) text embeddings. ``forward`` gives the training losses, ``generated_slots`` the inference
+    path's visual inputs."""
 
     def __init__(self, text_dim: int, cfg: BGAConfig):
         super().__init__(cfg.visual_dim)
@@ -217,8 +285,7 @@ class GenerationHeads(FeatureStandardiser):
             )
         words, kept = sampler(similarity, word_mask, region_mask)
 
-        logits = self.pool(h)[..., 0] + self.cfg.salience * entity
-        attention = logits.masked_fill(~words, float("-inf")).softmax(dim=1)[..., None]
+        attention = self.pooling(h, words, entity)
         text = (attention * h).sum(dim=1)  # (n, H)
         imagined = (attention * objects).sum(dim=1)  # (n, d)
         slots = torch.cat([self.visual_to_text(image)[:, None], region_text], dim=1)
@@ -233,9 +300,32 @@ class GenerationHeads(FeatureStandardiser):
             "regions": self._term(self.t2i_nce, imagined, kept_regions, kept.any(dim=1)),
             "text": self._term(self.i2t_nce, generated_text, text, torch.ones_like(image_mask), detach=True),
             "clip_text": self._term(self.i2t_nce, self.text_to_clip(generated_text), clip_text, text_mask),
+            "cycle": 0.5 * (_reconstruction(self.visual_to_text(objects), h.detach(), word_mask)
+                            + _reconstruction(self.text_to_object(region_text), regions, region_mask)),
         }
         sampler.record_losses(losses)
         return losses
+
+    def pooling(self, states: torch.Tensor, words: torch.Tensor, entity: torch.Tensor) -> torch.Tensor:
+        """(B, W, 1) attention over the ``words`` (B, W) of ``states`` (B, W, H), tilted toward ``entity``."""
+        logits = self.pool(states)[..., 0] + self.cfg.salience * entity
+        return logits.masked_fill(~words, float("-inf")).softmax(dim=1)[..., None]
+
+    def generated_slots(
+        self, states: torch.Tensor, word_mask: torch.Tensor, entity: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """text2image's pseudo-visual slots of each tweet: (B, 1 + W, d) [the imagined image, each word's
+        object] in the standardised CLIP space, salience toward ``entity`` (B, W), and their (B, 1 + W) mask."""
+        objects = self.text_to_object(states)
+        image = self.object_to_image((self.pooling(states, word_mask, entity) * objects).sum(dim=1))
+        return torch.cat([image[:, None], objects], dim=1), torch.cat([word_mask[:, :1], word_mask], dim=1)
+
+    def real_slots(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real counterpart of ``generated_slots``: (B, 1 + K, d) [the image, its regions] and their mask."""
+        image = self.standardise(batch["image_features"], "image")
+        regions = self.standardise(batch["region_features"], "region")
+        return (torch.cat([image[:, None], regions], dim=1),
+                torch.cat([batch["image_mask"][:, None], batch["region_mask"]], dim=1))
 
     def _term(
         self, nce: InfoNCE, generated: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, detach: bool = False
@@ -255,14 +345,18 @@ class GenerationHeads(FeatureStandardiser):
 
 
 class BGATagger(VisualModel, CRFTagger):
-    """``CRFTagger`` + ``GenerationHeads`` used by ``loss`` only; decoding never reads an image."""
+    """``CRFTagger`` + ``GenerationHeads`` + (``inference: generated``) ``CrossModalInteraction`` before the
+    emissions; decoding never reads an image."""
 
     kind = "bga"
     visual_config = BGAConfig
 
     def build_visual(self, text_dim: int, dropout: float) -> None:
-        self.generation = GenerationHeads(text_dim, self.visual_cfg)
-        self.sampler = ContextSampler(self.visual_cfg.stage_epochs, self.visual_cfg.thresholds)
+        cfg = self.visual_cfg
+        self.generation = GenerationHeads(text_dim, cfg)
+        self.sampler = ContextSampler(cfg.stage_epochs, cfg.thresholds)
+        generated = cfg.inference == "generated"
+        self.interaction = CrossModalInteraction(cfg.visual_dim, text_dim, dropout) if generated else None
 
     def fit_feature_statistics(self, visuals: Sequence[ImageVisual]) -> None:
         """Region and image statistics as gmner.models.visual_store computes them; the CLIP text embeddings alike."""
@@ -277,14 +371,53 @@ class BGATagger(VisualModel, CRFTagger):
         """Each generation term of a training batch (labelled, with visual inputs), unweighted."""
         return self.generation(self.word_states(batch) if states is None else states, batch, self.sampler)
 
-    def loss(self, batch: dict, states: torch.Tensor | None = None) -> torch.Tensor:
-        """CRF loss + the weighted text2image and image2text terms (nothing added without images)."""
+    def predicted_entities(self, emissions: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """(B, W) bool: the words inside a span the CRF decodes from ``emissions``."""
+        entity = torch.zeros_like(word_mask)
+        for b, ids in enumerate(self.crf.decode(emissions.detach(), mask=word_mask)):
+            entity[b, : len(ids)] = torch.tensor(ids, device=entity.device) > 0
+        return entity
+
+    def fused_states(self, batch: dict, states: torch.Tensor, text_emissions: torch.Tensor) -> torch.Tensor:
+        """The word states after the interaction: with generated slots (salience from the spans of
+        ``text_emissions``, the first pass), in training real ones for the tweets with an image that draw so."""
+        word_mask = batch["word_mask"]
+        generated, generated_mask = self.generation.generated_slots(
+            states, word_mask, self.predicted_entities(text_emissions, word_mask))
+        slots, mask = generated.detach(), generated_mask
+        if self.training:  # only here does the model read the batch's image features
+            real, real_mask = self.generation.real_slots(batch)
+            use_real = real_mask.any(dim=1)
+            if use_real.any():
+                use_real &= torch.rand(len(use_real), device=use_real.device) >= self.visual_cfg.generated_share
+            slots = torch.cat([real, slots], dim=1)
+            mask = torch.cat([real_mask & use_real[:, None], generated_mask & ~use_real[:, None]], dim=1)
+        return self.interaction(states, slots, mask)
+
+    def emissions(self, batch: dict, states: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused states' emissions (the text tagger's with ``inference: text_only``)."""
         states = self.word_states(batch) if states is None else states
-        loss = super().loss(batch, states)
+        text = super().emissions(batch, states)
+        if self.interaction is None:
+            return text
+        return self.classifier(self.dropout(self.fused_states(batch, states, text)))
+
+    def loss(self, batch: dict, states: torch.Tensor | None = None) -> torch.Tensor:
+        """CRF loss of the text-only pass (+ of the fused pass) + the weighted generation and cycle terms (no
+        generation term without images)."""
+        states = self.word_states(batch) if states is None else states
+
+        def crf_loss(emissions: torch.Tensor) -> torch.Tensor:
+            return -self.crf(emissions, batch["labels"], mask=batch["word_mask"], reduction="mean")
+
+        text = super().emissions(batch, states)
+        loss = crf_loss(text)
+        if self.interaction is not None:
+            loss = loss + crf_loss(self.classifier(self.dropout(self.fused_states(batch, states, text))))
         terms = self.generation_losses(batch, states)
         cfg = self.visual_cfg
-        return loss + cfg.t2i_weight * (terms["image"] + terms["regions"]) + cfg.i2t_weight * (
-            terms["text"] + terms["clip_text"])
+        return (loss + cfg.t2i_weight * (terms["image"] + terms["regions"])
+                + cfg.i2t_weight * (terms["text"] + terms["clip_text"]) + cfg.cycle_weight * terms["cycle"])
 
     def predict_entities(
         self, token_lists: Sequence[Sequence[str]], visuals: Sequence[ImageVisual] | None = None,
@@ -297,6 +430,7 @@ class BGATagger(VisualModel, CRFTagger):
         ]
 
 
-def load_predictor(model_dir: str | Path, device: torch.device) -> TaggerPredictor:
-    """A text-only predictor: BGA decodes without the image, so no visual table is read."""
+def load_predictor(model_dir: str | Path, device: torch.device, store=None) -> TaggerPredictor:
+    """A text-only predictor: BGA decodes without the image (from generated features, or from text alone),
+    so no visual table (nor ``store``) is read."""
     return TaggerPredictor(BGATagger.load(model_dir, device))

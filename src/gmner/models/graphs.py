@@ -1,7 +1,8 @@
 """Graph and fusion pieces of the visual-semantic graph models (gmner.models.vsgn): similarity graphs with top-K
-sparsification and GCN layers, masked cross-modal attention, the symmetric KL that aligns two graphs, and
-the fusions of a few visual feature vectors (deviation-aware channel-wise inhibitory routing, concatenation,
-weighted sum).
+sparsification and GCN layers, masked cross-modal attention, the symmetric KL that aligns two graphs, gates
+between two streams, and the fusions of VSGN's two cross-modal branches: deviation-aware channel-wise
+inhibitory routing (CIR: squeeze-and-excitation relevance, deviation from a learnable canonical pattern,
+routing over channels) and its ablations, concatenation and weighted sum.
 
 Masks are True for real nodes / sources. A masked node is never a neighbour or a key, and a row (query)
 with nothing valid to attend to gets exactly zero weight everywhere, never a uniform spread over padding.
@@ -88,15 +89,16 @@ class SimilarityGraph(nn.Module):
 
 
 class CrossModalAttention(nn.Module):
-    """Multi-head attention of queries over keys with a key mask; a query with no valid key gets zeros."""
+    """Multi-head attention of queries over keys with a key mask; a query with no valid key gets zeros. The
+    output has ``out_dim`` channels (default ``dim``)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, out_dim: int | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.out = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, out_dim or dim)
         self.dropout = nn.Dropout(dropout)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,76 +125,131 @@ def attended_adjacency(attention: torch.Tensor, image_edges: torch.Tensor, allow
     return walk / walk.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+class Gate(nn.Module):
+    """``g * a + (1 - g) * b`` with ``g = sigmoid(W [a; b] + c)``: one gate per channel (``per_channel``, VSGN's
+    image / region gate) or one per position (its final gate between the two streams, W in R^{2d x 1}).
+    ``start``: W starts at zero and c at logit(start), so that g starts at ``start`` everywhere; None: random."""
+
+    def __init__(self, dim: int, per_channel: bool = True, start: float | None = None):
+        super().__init__()
+        self.linear = nn.Linear(2 * dim, dim if per_channel else 1)
+        if start is not None:
+            nn.init.zeros_(self.linear.weight)
+            nn.init.constant_(self.linear.bias, math.log(start / (1 - start)))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.linear(torch.cat([a, b], dim=-1)))
+        return g * a + (1 - g) * b
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel relevance p = sigmoid(W2 relu(W1 z + b1) + b2) of a pooled feature z (..., dim), each entry in
+    (0, 1); W1 maps ``dim`` channels to ``dim // reduction``."""
+
+    def __init__(self, dim: int, reduction: int):
+        super().__init__()
+        squeezed = max(1, dim // reduction)
+        self.net = nn.Sequential(nn.Linear(dim, squeezed), nn.ReLU(), nn.Linear(squeezed, dim), nn.Sigmoid())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def channel_deviation(z: torch.Tensor, canonical: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """D_c = (w_c |z_c - v_c|)^2 / ||w * |z - v| ||_2^2: channel c's share of the weighted squared deviation of
+    ``z`` (..., d) from the canonical pattern v; non-negative, summing to 1 over the channels, and exactly
+    zero everywhere when z = v."""
+    squared = (weight * (z - canonical)).square()
+    return squared / squared.sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+
+
+def inhibitory_routing(relevance: torch.Tensor, deviation: torch.Tensor, beta: float | torch.Tensor,
+                       gamma: float) -> torch.Tensor:
+    """B(c) = softmax over the channels c of (p(c) - beta D_c) / gamma, times the channel count d, so that a
+    uniform routing (every B(c) = 1) leaves the routed features as they are."""
+    return torch.softmax((relevance - beta * deviation) / gamma, dim=-1) * relevance.size(-1)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, N, d) ``x`` over the True positions of (B, N) ``mask``; zeros where none is."""
+    return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+
+
 class ChannelInhibitoryRouting(nn.Module):
-    """Deviation-aware channel-wise inhibitory routing (CIR) of J source vectors into one.
+    """CIR: routes the text-vision branch H_IT and the description-vision branch H_IC over channels, then
+    H_out = LayerNorm(H_t + CMA(B * H_IT, B * H_IC, B * H_IC)).
 
-    For source j and channel c: importance ``a[j, c]`` = softmax over the present sources of a per-source
-    linear map of the source; deviation ``d[j, c] = |s[j, c] - mean[j, c]| / sqrt(var[j, c] + eps)`` against
-    running statistics (buffers, updated from the present sources in training only, after use, so a batch
-    never changes its own outputs); inhibition ``exp(-softplus(rho[j, c]) * d[j, c])``. The output is
-    ``sum_j a[j, c] * inhibition[j, c] * s[j, c]``, and zero for an item with no present source.
-
-    Identity up to scale: when the importance logits are equal across sources and every channel gets the
-    same inhibition ``r`` (equal ``rho`` and equal deviation), the output is ``r`` times the mean of the
-    present sources; so with one present source, or all sources equal to ``x``, it is ``r * x``.
+    z is the average of the branches over the sequence (every valid row of H_IT and H_IC); its relevance
+    p comes from squeeze-and-excitation, its deviation D from the learnable canonical pattern ``canonical``
+    with the learnable channel weights ``weight`` (:func:`channel_deviation`); B (:func:`inhibitory_routing`)
+    uses the temperature ``gamma`` and the buffer ``beta``, which the trainer warms up (saved with the model,
+    so prediction uses the value of the epoch kept). A tweet without a description attends to its own routed
+    H_IT rows instead, so its image still counts. The CMA's output projection starts at zero, so H_out starts
+    as LayerNorm(H_t).
     """
 
-    def __init__(self, sources: int, dim: int, momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(self, dim: int, heads: int, reduction: int, gamma: float, beta: float, dropout: float = 0.0):
         super().__init__()
-        self.momentum, self.eps = momentum, eps
-        bound = 1 / math.sqrt(dim)
-        self.weight = nn.Parameter(torch.empty(sources, dim, dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.zeros(sources, dim))
-        self.rho = nn.Parameter(torch.full((sources, dim), -2.0))  # softplus(-2) = 0.13: mild inhibition at start
-        self.register_buffer("running_mean", torch.zeros(sources, dim))
-        self.register_buffer("running_var", torch.ones(sources, dim))
+        self.gamma = gamma
+        self.register_buffer("beta", torch.tensor(float(beta)))
+        self.relevance = SqueezeExcitation(dim, reduction)
+        self.canonical = nn.Parameter(torch.zeros(dim))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.attention = CrossModalAttention(dim, heads, dropout)
+        nn.init.zeros_(self.attention.out.weight)
+        nn.init.zeros_(self.attention.out.bias)
+        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, sources: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """(B, J, dim) sources and their (B, J) presence -> (B, dim)."""
-        logits = torch.einsum("bjd,jdc->bjc", sources, self.weight) + self.bias
-        importance = masked_softmax(logits, present[..., None], dim=1)
-        deviation = (sources - self.running_mean).abs() / (self.running_var + self.eps).sqrt()
-        inhibition = torch.exp(-F.softplus(self.rho) * deviation)
-        if self.training:
-            self._update_statistics(sources.detach(), present)
-        return (importance * inhibition * sources).sum(1)
+    def routing(self, h_it: torch.Tensor, it_mask: torch.Tensor, h_ic: torch.Tensor,
+                ic_mask: torch.Tensor) -> torch.Tensor:
+        """(B, d) routing weights B(c) of each item."""
+        z = masked_mean(torch.cat([h_it, h_ic], dim=1), torch.cat([it_mask, ic_mask], dim=1))
+        deviation = channel_deviation(z, self.canonical, self.weight)
+        return inhibitory_routing(self.relevance(z), deviation, self.beta, self.gamma)
 
-    @torch.no_grad()
-    def _update_statistics(self, sources: torch.Tensor, present: torch.Tensor) -> None:
-        weight = present.to(sources.dtype)[..., None]  # (B, J, 1)
-        count = weight.sum(0)  # (J, 1)
-        mean = (weight * sources).sum(0) / count.clamp_min(1)
-        var = (weight * (sources - mean) ** 2).sum(0) / (count - 1).clamp_min(1)
-        seen = count > 1  # a variance needs two samples; sources absent from the batch keep their statistics
-        m = self.momentum
-        self.running_mean.copy_(torch.where(seen, (1 - m) * self.running_mean + m * mean, self.running_mean))
-        self.running_var.copy_(torch.where(seen, (1 - m) * self.running_var + m * var, self.running_var))
+    def forward(self, h_t: torch.Tensor, text_mask: torch.Tensor, h_it: torch.Tensor, h_ic: torch.Tensor,
+                ic_mask: torch.Tensor) -> torch.Tensor:
+        """H_out (B, T, d) from the text states H_t (B, T, d), the branches H_IT (B, T, d) and H_IC (B, C, d)
+        and their masks (C may be 0: no descriptions)."""
+        b = self.routing(h_it, text_mask, h_ic, ic_mask)[:, None]
+        own = text_mask & ~ic_mask.any(1, keepdim=True)  # H_IT's rows are the keys where there is no H_IC
+        keys = torch.cat([b * h_ic, b * h_it], dim=1)
+        return self.norm(h_t + self.attention(b * h_it, keys, torch.cat([ic_mask, own], dim=1))[0])
 
 
 class ConcatFusion(nn.Module):
-    """The concatenation ablation: a linear map of the sources (absent ones zeroed) and their presence flags;
-    zero for an item with no present source."""
+    """The "CIR -> concatenation" ablation: H_out = LayerNorm(H_t + W [H_IT; mean H_IC]), the description branch
+    averaged over its rows (zeros without a description); W starts at zero, as CIR's last projection does."""
 
-    def __init__(self, sources: int, dim: int):
+    def __init__(self, dim: int):
         super().__init__()
-        self.linear = nn.Linear(sources * (dim + 1), dim)
+        self.linear = nn.Linear(2 * dim, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, sources: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        flags = present.to(sources.dtype)
-        fused = self.linear(torch.cat([(sources * flags[..., None]).flatten(1), flags], dim=-1))
-        return fused * present.any(-1, keepdim=True)
+    def forward(self, h_t: torch.Tensor, text_mask: torch.Tensor, h_it: torch.Tensor, h_ic: torch.Tensor,
+                ic_mask: torch.Tensor) -> torch.Tensor:
+        pooled = masked_mean(h_ic, ic_mask)[:, None].expand_as(h_it)
+        return self.norm(h_t + self.linear(torch.cat([h_it, pooled], dim=-1)))
 
 
 class WeightedSumFusion(nn.Module):
-    """The weighted-sum ablation: one learned weight per source, softmax over the present ones."""
+    """The "CIR -> weighted sum" ablation: H_out = LayerNorm(H_t + a H_IT + (1 - a) mean H_IC) with ``a`` a
+    learned softmax weight; ``a`` = 1 for a tweet without a description."""
 
-    def __init__(self, sources: int, dim: int):
+    def __init__(self, dim: int):
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(sources))
+        self.logits = nn.Parameter(torch.zeros(2))
+        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, sources: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        weights = masked_softmax(self.logits.expand_as(present), present)
-        return (weights[..., None] * sources).sum(1)
+    def forward(self, h_t: torch.Tensor, text_mask: torch.Tensor, h_it: torch.Tensor, h_ic: torch.Tensor,
+                ic_mask: torch.Tensor) -> torch.Tensor:
+        described = ic_mask.any(1)
+        present = torch.stack([torch.ones_like(described), described], dim=1)
+        weights = masked_softmax(self.logits.expand(len(h_t), 2), present)
+        mixed = weights[:, :1, None] * h_it + weights[:, 1:, None] * masked_mean(h_ic, ic_mask)[:, None]
+        return self.norm(h_t + mixed)
 
 
 FUSIONS = {"cir": ChannelInhibitoryRouting, "concat": ConcatFusion, "sum": WeightedSumFusion}

@@ -11,6 +11,15 @@ word states) attends over those keys; the fused query then scores "none" and eve
 available. With ``connector`` the candidates first pass through VTC's shared-private connector (the one the
 pretrain stage trains, gmner.models.connector), whose load-balancing term joins the training loss.
 
+VTC projects visual features "into the text feature space" for recognition as well as grounding: with
+``connector`` and ``visual_tokens`` (:class:`VisualTokens`) the connector's region outputs are also prefix
+tokens of the text encoder, ``[CLS] v_1 .. v_top_k w_1 .. w_n [SEP]`` as ``inputs_embeds``, so every encoder
+layer lets the words attend to them and the CRF's emissions come from words that saw the image. Prefix tokens
+rather than cross-attention because they add no layer inside the encoder: any hub encoder (and the pretrain
+stage's) takes them unchanged, and the attention mask drops masked candidates exactly. There are always
+``top_k`` slots (padding masked), so a tweet's word positions, shifted by ``top_k``, do not depend on its
+batch. Without ``visual_tokens`` (the ablation) the connector feeds the grounding head only.
+
 Training adds the grounding loss on GOLD spans (KL to IoU soft labels or cross-entropy on the best
 candidate) to the CRF loss; prediction grounds the spans the CRF predicts.
 """
@@ -56,6 +65,7 @@ class GroundingConfig:
     # checkpoint's); None: candidates are projected linearly.
     connector: dict | None = field(default=None, hash=False)
     balance_weight: float = 0.01  # of the connector's load-balancing term beside the grounding loss
+    visual_tokens: bool = False  # with a connector, its outputs are also prefix tokens of the text encoder
 
     def __post_init__(self):
         if self.loss not in ("kl", "ce"):
@@ -74,6 +84,11 @@ class GroundingConfig:
     @property
     def extras(self) -> tuple[str, ...]:
         return switched_extras(captions=self.captions, generated=self.generated_image)
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether the text encoder reads the connector's outputs (it needs a connector to have any)."""
+        return self.visual_tokens and self.connector is not None
 
 
 def span_features(spans: Sequence[tuple[int, int, str]], n_words: int) -> np.ndarray:
@@ -146,6 +161,29 @@ class GroundingHead(nn.Module):
         return logits.masked_fill(~usable, torch.finfo(logits.dtype).min), balance
 
 
+class VisualTokens(nn.Module):
+    """The connector's region outputs (B, K, text_dim) as ``top_k`` prefix tokens in the encoder's input space.
+
+    The connector is aligned with the encoder's OUTPUT states (pre-training compares it with word states), so
+    a learned linear map carries it to the input embeddings; a slot embedding (the candidate's rank) tells
+    the tokens apart, as position embeddings do the words. Slots past K are padding, masked.
+    """
+
+    def __init__(self, text_dim: int, top_k: int):
+        super().__init__()
+        self.project = nn.Linear(text_dim, text_dim)
+        self.slot = nn.Embedding(top_k, text_dim)
+
+    def forward(self, regions: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, top_k, text_dim) tokens and their (B, top_k) mask (True = a real candidate)."""
+        top_k = self.slot.num_embeddings
+        regions, mask = regions[:, :top_k], mask[:, :top_k]
+        tokens = self.project(regions) + self.slot.weight[: regions.shape[1]]
+        pad = top_k - regions.shape[1]
+        tokens = torch.cat([tokens, tokens.new_zeros(len(tokens), pad, tokens.shape[-1])], dim=1)
+        return tokens, torch.cat([mask, mask.new_zeros(len(mask), pad)], dim=1)
+
+
 class GroundedModel(VisualModel):
     """A visual model that also chooses a region per entity: its training target over the candidates."""
 
@@ -165,11 +203,36 @@ class GroundedTagger(GroundedModel, CRFTagger):
     visual_config = GroundingConfig
 
     def build_visual(self, text_dim: int, dropout: float) -> None:
-        self.head = GroundingHead(text_dim, len(self.types), self.visual_cfg, dropout)
+        cfg = self.visual_cfg
+        self.head = GroundingHead(text_dim, len(self.types), cfg, dropout)
+        self.visual_tokens = VisualTokens(text_dim, cfg.top_k) if cfg.reads_tokens else None
+        limit = getattr(self.encoder.config, "max_position_embeddings", None)
+        if self.visual_tokens is not None and limit is not None and self.max_length + cfg.top_k > limit:
+            raise ValueError(f"max_length {self.max_length} + {cfg.top_k} visual tokens exceed the encoder's "
+                             f"{limit} positions")
 
     @property
     def visual_projection(self) -> VisualProjection:
         return self.head.visual
+
+    def word_states(self, batch: dict) -> torch.Tensor:
+        """Encoder states of each word's first subword (B, W, H); with visual tokens, the encoder reads
+        ``[CLS]``, the tokens, then the text (see the module docstring)."""
+        if self.visual_tokens is None:
+            return super().word_states(batch)
+        visual = self.head.visual
+        regions = visual.connector(visual.standardise(batch["region_features"], "region"),
+                                   batch["region_geometry"], batch["region_mask"]).regions
+        tokens, token_mask = self.visual_tokens(regions, batch["region_mask"])
+        text = self.encoder.get_input_embeddings()(batch["input_ids"])
+        mask = batch["attention_mask"]
+        hidden = self.encoder(
+            inputs_embeds=torch.cat([text[:, :1], tokens, text[:, 1:]], dim=1),
+            attention_mask=torch.cat([mask[:, :1], token_mask.to(mask.dtype), mask[:, 1:]], dim=1),
+        ).last_hidden_state
+        # Every position after [CLS] moves by the token count; a word-less tweet's dummy step stays on [CLS].
+        positions = torch.where(batch["word_pos"] > 0, batch["word_pos"] + tokens.shape[1], 0)
+        return hidden[torch.arange(len(hidden), device=hidden.device)[:, None], positions]
 
     def span_batch(
         self,
@@ -207,7 +270,7 @@ class GroundedTagger(GroundedModel, CRFTagger):
             for row, (b, j) in enumerate(kept):
                 padded[row, : len(targets[b][j])] = torch.from_numpy(targets[b][j])
             batch["span_target"] = padded
-        return {k: v.to(self.device) for k, v in batch.items()}, kept
+        return {k: v.to(self.collate_device) for k, v in batch.items()}, kept
 
     def loss(self, batch: dict, states: torch.Tensor | None = None) -> torch.Tensor:
         """CRF loss + ``weight`` x grounding loss of the batch's gold spans (see gmner.models.visual_store), + with a
@@ -249,5 +312,5 @@ class GroundedTagger(GroundedModel, CRFTagger):
         return out
 
 
-def load_predictor(model_dir: str | Path, device: torch.device) -> VisualPredictor:
-    return load_visual_predictor(GroundedTagger, model_dir, device)
+def load_predictor(model_dir: str | Path, device: torch.device, store=None) -> VisualPredictor:
+    return load_visual_predictor(GroundedTagger, model_dir, device, store)

@@ -317,22 +317,19 @@ class IndexGenerator(GroundedModel, WordTagger):
             encoder_hidden_states=states["memory"][tweets],
             encoder_attention_mask=states["mask"][tweets].long(),
         ).last_hidden_state
-        very_negative = torch.finfo(hidden.dtype).min
         word_valid, region_valid = states["word_valid"][tweets][:, None], states["region_valid"][tweets][:, None]
         if hierarchical:
             hidden = hidden / math.sqrt(hidden.shape[-1])
             vocab = hidden @ self.symbol.weight[: self.n_vocab].T
             word_logits = torch.einsum("ntd,nwd->ntw", hidden, states["word_keys"][tweets])
             region_logits = torch.einsum("ntd,nkd->ntk", hidden, states["region_keys"][tweets])
-            region_logits = region_logits.masked_fill(~region_valid, very_negative)
-            return DecoderLogits(torch.cat([vocab, word_logits.masked_fill(~word_valid, very_negative)], -1),
-                                 region_logits)
+            return DecoderLogits(torch.cat([vocab, _invalid_out(word_logits, word_valid)], -1),
+                                 _invalid_out(region_logits, region_valid))
         scale = 1 / math.sqrt(hidden.shape[-1])
         word_logits = torch.einsum("ntd,nwd->ntw", hidden, self.word_key(words)) * scale
         region_logits = torch.einsum("ntd,nkd->ntk", hidden, self.region_key(regions)) * scale
-        word_logits = word_logits.masked_fill(~word_valid, very_negative)
-        region_logits = region_logits.masked_fill(~region_valid, very_negative)
-        return DecoderLogits(torch.cat([self.vocab(hidden), word_logits, region_logits], dim=-1), None)
+        return DecoderLogits(torch.cat([self.vocab(hidden), _invalid_out(word_logits, word_valid),
+                                        _invalid_out(region_logits, region_valid)], dim=-1), None)
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy of the gold sequences' symbols (teacher forced) under the decoding constraints, plus
@@ -445,6 +442,11 @@ def _padded(target: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _invalid_out(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the invalid positions at the most negative value of their own dtype (bf16 under autocast)."""
+    return logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+
+
 def _teacher_inputs(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     """(n, max length) decoder inputs of whole sequences: BOS then each sequence but its last symbol, padded
     with EOS, so position i's state predicts symbol i."""
@@ -454,5 +456,5 @@ def _teacher_inputs(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
     return inputs
 
 
-def load_predictor(model_dir, device: torch.device) -> VisualPredictor:
-    return load_visual_predictor(IndexGenerator, model_dir, device)
+def load_predictor(model_dir, device: torch.device, store=None) -> VisualPredictor:
+    return load_visual_predictor(IndexGenerator, model_dir, device, store)

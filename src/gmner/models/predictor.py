@@ -46,7 +46,7 @@ def _load_crf_tagger(model_dir: Path, device: torch.device) -> Predictor:
 
 
 LOADERS = {CRFTagger.kind: _load_crf_tagger}
-# Kinds whose module (exposing ``load_predictor(model_dir, device)``) is imported only when such a model is
+# Kinds whose module (exposing ``load_predictor(model_dir, device, store)``) is imported only when such a model is
 # loaded, so stages that never load one do not import, or depend on, its code.
 LAZY_LOADERS = {
     "grounded_tagger": "gmner.models.grounded_tagger",
@@ -56,15 +56,16 @@ LAZY_LOADERS = {
 }
 
 
-def load(model_dir: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """The predictor for the model saved in ``model_dir``, on ``device``."""
+def load(model_dir: str | Path, device: str | torch.device = "cpu", store=None) -> Predictor:
+    """The predictor for the model saved in ``model_dir``, on ``device``; a model that reads visual inputs reads
+    them from ``store`` (a VisualStore; default: the tables its ``visual_paths`` name)."""
     model_dir = Path(model_dir)
     path = model_dir / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no model.json; is {model_dir} a trained model folder?")
     kind = json.loads(path.read_text()).get("kind")
     if kind in LAZY_LOADERS:
-        return importlib.import_module(LAZY_LOADERS[kind]).load_predictor(model_dir, torch.device(device))
+        return importlib.import_module(LAZY_LOADERS[kind]).load_predictor(model_dir, torch.device(device), store)
     if kind not in LOADERS:
         raise DataError(str(path), f"unknown model kind {kind!r}; known: {sorted([*LOADERS, *LAZY_LOADERS])}")
     return LOADERS[kind](model_dir, torch.device(device))

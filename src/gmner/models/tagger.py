@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import get_worker_info
 from torchcrf import CRF
 
 from gmner.core.bio import split_tag
@@ -116,6 +117,12 @@ class WordTagger(nn.Module):
         return next(self.parameters()).device
 
     @property
+    def collate_device(self) -> torch.device:
+        """Where ``collate`` puts batches: the model's device, except in a DataLoader worker process, which must
+        not touch CUDA (the training loop moves those batches to the device, from pinned memory)."""
+        return torch.device("cpu") if get_worker_info() is not None else self.device
+
+    @property
     def pretrained(self) -> list[nn.Module]:
         """The modules that start from pre-trained weights: they train at the encoder learning rate."""
         return [self.encoder]
@@ -198,7 +205,7 @@ class WordTagger(nn.Module):
         }
         if label_ids is not None:
             batch["labels"] = labels
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.collate_device) for k, v in batch.items()}
 
     def word_states(self, batch: dict) -> torch.Tensor:
         """Encoder states of each word's first subword: (batch, words, hidden)."""

@@ -98,8 +98,8 @@ class VisualModel:
         and each tweet's encoded word count."""
         batch = self.collate(encoded, label_ids)
         patch_dim = getattr(self.visual_cfg, "patch_dim", None) if "patches" in self.extras else None
-        batch.update(collate_visual(visuals, self.visual_cfg.visual_dim, self.device, patch_dim))
-        batch["n_words"] = torch.tensor([len(e.word_pos) for e in encoded], device=self.device)
+        batch.update(collate_visual(visuals, self.visual_cfg.visual_dim, self.collate_device, patch_dim))
+        batch["n_words"] = torch.tensor([len(e.word_pos) for e in encoded], device=self.collate_device)
         return batch
 
     @predicting
@@ -172,7 +172,8 @@ def _with_image_identity(tweets: pa.Table) -> pa.Table:
     return tweets
 
 
-def load_visual_predictor(cls: type, model_dir: str | Path, device: torch.device) -> VisualPredictor:
-    """The predictor of a saved ``cls`` model, reading the tables its ``visual_paths`` name."""
+def load_visual_predictor(cls: type, model_dir: str | Path, device: torch.device,
+                          store: VisualStore | None = None) -> VisualPredictor:
+    """The predictor of a saved ``cls`` model, reading ``store``, or else the tables its ``visual_paths`` name."""
     model = cls.load(model_dir, device)
-    return VisualPredictor(model, model.read_store())
+    return VisualPredictor(model, model.read_store() if store is None else store)

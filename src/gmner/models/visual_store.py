@@ -189,6 +189,7 @@ class VisualStore:
     ):
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
+        self.sources: tuple[Path, ...] = ()  # the files ``read`` read the tables from
         unknown = set(extras) - set(EXTRAS)
         if unknown:
             raise ValueError(f"unknown visual extras {sorted(unknown)}; known: {sorted(EXTRAS)}")
@@ -247,14 +248,17 @@ class VisualStore:
     def read(cls, paths: Mapping[str, str | Path], top_k: int, extras: Sequence[str] = ()) -> "VisualStore":
         """Read the tables named in ``paths`` (keys as in ``DEFAULT_PATHS``) that ``extras`` need."""
         needed = [*REQUIRED, *(key for extra in extras for key in EXTRAS.get(extra, ()))]
-        tables = {}
+        tables, sources = {}, []
         for key in needed:
             path = Path(paths.get(key, DEFAULT_PATHS[key]))
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: {key} table not found; run the stage that writes it")
             tables[key] = pq.read_table(path)
+            sources.append(path)
         required = [tables.pop(key) for key in REQUIRED]
-        return cls(*required, top_k, extras=extras, extra_tables=tables)
+        store = cls(*required, top_k, extras=extras, extra_tables=tables)
+        store.sources = tuple(sources)
+        return store
 
     def candidates(self, sha: str) -> np.ndarray:
         """The image's first ``top_k`` candidate boxes: what a predicted region index points into."""

@@ -24,7 +24,8 @@ sum (Eq. 5 with the extras added):
   entity image, carried in by the same object map;
 - ``global`` and ``local`` (``sgla``): VTC's tweet-image (the tweet as the mean of its word states) and
   entity-set / object-set terms, the local term of each pair weighted by the pair's global relevance with
-  ``coupling``;
+  ``coupling`` (``sigmoid(s * cos)`` of the pair alone, so the weight does not depend on the batch size:
+  gmner.pretrain.objectives.pair_relevance);
 - ``balance``: the connector's load-balancing term (``objects: connector`` with its MoE branch).
 
 The weights that move during training (alpha while the gate learns, the coupling's relevance while the

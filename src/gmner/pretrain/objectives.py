@@ -12,7 +12,11 @@ DLRAM (dual-level, relevance-aware alignment):
   (:func:`entity_object_sets`, :func:`entity_object_loss`).
 
 VTC (synergistic global-local alignment): the global image-text term and the local entity-object term
-of each pair, the local one coupled to the pair's global relevance (:func:`global_local_loss`).
+of each pair, the local one coupled to the pair's global relevance (:func:`global_local_loss`,
+:func:`pair_relevance`). The abstract says only that global image-text consistency "adaptively weights"
+the local term; the weight here is a function of the pair alone, ``sigmoid(s * cos(image_i, text_i))``
+with the global InfoNCE's learned scale ``s``: a softmax over the batch (the weight before) is about 1/B
+at the start, so the local term's weight would depend on the batch size.
 
 Every contrastive term goes through :class:`gmner.models.losses.InfoNCE`. Missing features are masked out,
 never zero-filled as if real.
@@ -175,6 +179,15 @@ def entity_object_loss(
     return nce.candidates(spans, keys, key_mask, row_mask, reduction)
 
 
+def pair_relevance(nce: InfoNCE, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The detached global relevance (B,) of each pair (image_i, text_i): ``sigmoid(s * cos(image_i, text_i))``
+    with ``nce``'s learned scale s = 1 / temperature. It reads the pair only, so its weight is the same in a
+    batch of any size; cosine 0 (no alignment) gives 1/2, and as the global term sharpens s, aligned pairs
+    tend to 1 and misaligned ones to 0."""
+    with torch.no_grad():
+        return torch.sigmoid(nce.scale * F.cosine_similarity(image, text, dim=-1))
+
+
 def global_local_loss(
     nce: InfoNCE,
     image: torch.Tensor,
@@ -192,18 +205,13 @@ def global_local_loss(
     entity_mask) picks its most similar object of image i (objects (B, K, d), object_mask); the mean of
     the unit entity vectors and the mean of their matched objects form pair i's local pair, contrasted by
     ``nce.pairwise`` against the other pairs' (pairs without entities or objects are left out).
-    relevance r_i: the detached mean of the two softmax probabilities (image->text, text->image) of the
-    matched pair in the global similarity matrix. With ``coupling`` pair i's local loss is multiplied by
-    r_i, so r_i = 0 contributes exactly zero; ``local`` is the sum over pairs divided by the number of
-    pairs with a local term. ``local_pairs`` (B,) holds each pair's (weighted) local loss.
+    relevance r_i: :func:`pair_relevance` (0 for a dropped pair). With ``coupling`` pair i's local loss is
+    multiplied by r_i, so r_i = 0 contributes exactly zero; ``local`` is the sum over pairs divided by the
+    number of pairs with a local term. ``local_pairs`` (B,) holds each pair's (weighted) local loss.
     """
     n = len(image)
     keep = torch.ones(n, dtype=torch.bool, device=image.device) if pair_mask is None else pair_mask.bool()
-    with torch.no_grad():
-        logits = nce.scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
-        logits = logits.masked_fill(~(keep[:, None] & keep[None, :]), torch.finfo(logits.dtype).min)
-        relevance = 0.5 * (logits.softmax(dim=1).diagonal() + logits.softmax(dim=0).diagonal())
-        relevance = torch.where(keep, relevance, torch.zeros_like(relevance))
+    relevance = torch.where(keep, pair_relevance(nce, image, text), 0.0)
     entity_mask, object_mask = entity_mask.bool(), object_mask.bool()
     has_local = keep & entity_mask.any(dim=1) & object_mask.any(dim=1)
     local_pairs = image.new_zeros(n)

@@ -8,7 +8,8 @@ protocol. Writes models/grounded/ (with train_summary.json, which also counts th
 "none" and the gold spans left without a candidate target) and logs to dvclive/grounded.
 
 ``connector: true`` passes the candidates through VTC's shared-private connector, shaped by the ``pretrain``
-params; ``init: pretrain`` (or a checkpoint folder) starts the text encoder from the pretrain stage's
+params (with ``visual_tokens``, its outputs are also prefix tokens of the text encoder, so they reach the CRF);
+``init: pretrain`` (or a checkpoint folder) starts the text encoder from the pretrain stage's
 checkpoint (models/pretrain), and the connector too when the checkpoint has one (``objects: connector``),
 in the checkpoint's shape. A checkpoint with DLRAM's linear object map has no connector to give: then
 ``connector`` decides as from scratch (a fresh one, or none). So from scratch and pre-trained runs of one
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from gmner.core.params import check_keys, fit_params
+from gmner.core.params import ParamError, check_keys, fit_params
 from gmner.models.grounded_tagger import GroundedModel, GroundedTagger, GroundingConfig
 from gmner.models.visual_store import NONE, VisualStore
 from gmner.pretrain.checkpoint import connector_settings, encoder_spec, init_checkpoint
@@ -69,7 +70,10 @@ def grounding_config(cfg: dict, visual_dim: int, connector: dict | None = None) 
     set aside) and the connector settings, if any."""
     check_keys("train_grounded", cfg, (*HEAD_PARAMS, *STAGE_PARAMS))
     head = {key: value for key, value in cfg.items() if key in HEAD_PARAMS}
-    return GroundingConfig(visual_dim=visual_dim, connector=connector, **head)
+    try:
+        return GroundingConfig(visual_dim=visual_dim, connector=connector, **head)
+    except ValueError as err:  # a value the model cannot take: the param's one-line error
+        raise ParamError("train_grounded", str(err)) from None
 
 
 def build_grounded(params: dict, root: Path, train: pa.Table, store: VisualStore) -> GroundedTagger:

@@ -30,8 +30,9 @@ from gmner.models.text_encoder import load_text_encoder
 from gmner.models.visual_store import DEFAULT_PATHS, VisualStore, collate_visual, feature_statistics, switched_extras
 from gmner.pretrain.checkpoint import PretrainConfig, encoder_spec
 from gmner.pretrain.model import AlignmentModel
-from gmner.training.loop import DevEval, fit, start_run
-from gmner.training.tagger import read_train_dev
+from gmner.training.loop import DevEval, fit, is_main_process, processes, start_run
+from gmner.training.resume import run_folder
+from gmner.training.tagger import live_log, prepared_inputs, read_train_dev
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,15 @@ class AlignmentSet:
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.encoded]
+
     def batch(self, indices: Sequence[int]) -> dict:
         """Text and visual inputs; per entity (S rows) its tweet, its place among the tweet's entities, its
         word slots, gold boxes and generated image; per tweet its candidate boxes and all its gold boxes."""
         model, dim = self.model, self.model.cfg.visual_dim
         batch = model.collate([self.encoded[i] for i in indices])
-        batch.update(collate_visual([self.visuals[i] for i in indices], dim, model.device))
+        batch.update(collate_visual([self.visuals[i] for i in indices], dim, model.collate_device))
         rows = [(b, slot, *span) for b, i in enumerate(indices) for slot, span in enumerate(self.spans[i])]
         width = max((len(r[2]) for r in rows), default=1)
         span_words = torch.zeros((len(rows), width), dtype=torch.long)
@@ -101,7 +105,7 @@ class AlignmentSet:
             "entity_image_features": entity_images,
             "entity_image_mask": torch.tensor([r[4] is not None for r in rows], dtype=torch.bool),
         }
-        batch.update({k: v.to(model.device) for k, v in spans.items()})
+        batch.update({k: v.to(model.collate_device) for k, v in spans.items()})
         batch["span_boxes"] = [r[3] for r in rows]
         batch["candidates"] = [self.visuals[i].boxes for i in indices]
         batch["image_gold"] = [self.gold[i] for i in indices]
@@ -140,31 +144,45 @@ def evaluate(model: AlignmentModel, data: AlignmentSet, batch_size: int, seed: i
     return {name: total / len(data) for name, total in sums.items()}
 
 
-def fit_alignment(model: AlignmentModel, train: AlignmentSet, dev: AlignmentSet | None, cfg: dict, seed: int,
-                  live=None) -> dict:
-    """Pre-train ``model`` in place with the optimiser params ``cfg`` through the one training loop, keeping
-    the last epoch; returns the per-epoch history of each component (train and dev means) and what the
-    first epoch counted."""
-    rng, counts = np.random.default_rng(seed), Counter()
+class AlignmentStep:
+    """The loop's step: the weighted sum of the objectives, each logged, with negatives drawn from one
+    seeded generator over the run; ``counts`` is what the first epoch's batches had to work with. Both are
+    state a resumed run restores."""
 
-    def step(batch: dict):
-        parts, batch_counts, unweighted = model.losses(batch, rng)
-        if train.epoch == 1:
-            counts.update(batch_counts)
+    def __init__(self, model: AlignmentModel, train: AlignmentSet, seed: int):
+        self.model, self.train = model, train
+        self.rng, self.counts = np.random.default_rng(seed), Counter()
+
+    def __call__(self, batch: dict):
+        parts, batch_counts, unweighted = self.model.losses(batch, self.rng)
+        if self.train.epoch == 1:
+            self.counts.update(batch_counts)
         terms = {name: value.item() for name, value in parts.items()}
         terms.update({f"{name}_unweighted": value for name, value in unweighted.items()})
-        return model.total(parts), terms
+        return self.model.total(parts), terms
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.counts = Counter(state["counts"])
+
+
+def fit_alignment(model: AlignmentModel, train: AlignmentSet, dev: AlignmentSet | None, cfg: dict, seed: int,
+                  live=None, run_dir: Path | None = None) -> dict:
+    """Pre-train ``model`` in place with the optimiser params ``cfg`` through the one training loop, keeping
+    the last epoch; returns the per-epoch history of each component (train and dev means) and what the
+    first epoch counted. ``run_dir`` holds the run's checkpoints."""
+    step = AlignmentStep(model, train, seed)
     held_out = DevEval(lambda: evaluate(model, dev, cfg["batch_size"], seed)) if dev is not None and len(dev) else None
-    result = fit(model, train, cfg, seed, step=step, dev=held_out, live=live)
-    return {"history": result.history, "counts": dict(counts)}
+    result = fit(model, train, cfg, seed, step=step, dev=held_out, live=live, run_dir=run_dir)
+    return {"history": result.history, "counts": dict(step.counts)}
 
 
 def run_stage(params: dict, root: str | Path = ".") -> None:
     """Pre-train on data/prepared/train.parquet under ``root`` (dev held out); write models/pretrain and
     dvclive/pretrain."""
-    from dvclive import Live
-
     root = Path(root)
     fit_cfg, seed = fit_params(params, NAME), params["base"]["seed"]
     started = time.perf_counter()
@@ -176,8 +194,11 @@ def run_stage(params: dict, root: str | Path = ".") -> None:
     model = build_model(params, train, store).to(device)
     train_set, dev_set = AlignmentSet(model, train, store), AlignmentSet(model, dev, store)
     model.set_feature_statistics(feature_statistics(train_set.visuals, store.dim))
-    with Live(dir=str(root / "dvclive" / NAME), save_dvc_exp=False, dvcyaml=False) as live:
-        result = fit_alignment(model, train_set, dev_set, fit_cfg, seed, live)
+    run_dir = run_folder(root, params, NAME, [*prepared_inputs(root), *store.sources], processes())
+    with live_log(root, NAME) as live:
+        result = fit_alignment(model, train_set, dev_set, fit_cfg, seed, live, run_dir)
+    if not is_main_process():
+        return
     summary = {
         "components": list(model.cfg.components),
         "epochs": fit_cfg["epochs"],

@@ -9,6 +9,7 @@ model folder).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -22,10 +23,12 @@ from gmner.core.atomic import atomic_dir, write_json
 from gmner.core.errors import DataError
 from gmner.core.params import fit_params
 from gmner.evaluation.scoring import score
+from gmner.models.card import write_card
 from gmner.models.predictor import TaggerPredictor
 from gmner.models.tagger import CRFTagger, WordTagger, build_labels
 from gmner.models.text_encoder import load_text_encoder
-from gmner.training.loop import DevEval, FitResult, dev_metric, fit, start_run
+from gmner.training.loop import DevEval, FitResult, dev_metric, fit, is_main_process, processes, start_run
+from gmner.training.resume import run_folder
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ class TrainingSet:
     def start_epoch(self, epoch: int) -> None:
         """Batches do not change with the epoch."""
 
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.encoded]
+
 
 def dev_f1(tagger: WordTagger, dev: pa.Table) -> float:
     predictions = TaggerPredictor(tagger).predict(dev)
@@ -78,12 +84,14 @@ def fit_tagger(
     seed: int,
     live=None,
     dev_eval: DevEval | None = None,
+    run_dir: Path | None = None,
 ) -> FitResult:
     """``fit`` a tagger on a prepared split (or a ``TrainingSet`` built from one) with the optimiser params
-    ``cfg``; epochs are selected on ``dev_eval`` (default: dev MNER F1), and ``tagger`` keeps the best one."""
+    ``cfg``; epochs are selected on ``dev_eval`` (default: dev MNER F1), and ``tagger`` keeps the best one.
+    ``run_dir`` holds the run's checkpoints (gmner.training.resume)."""
     data = train if isinstance(train, TrainingSet) else TrainingSet(tagger, train)
     dev_eval = dev_eval or dev_metric("mner_f1", lambda: dev_f1(tagger, dev))
-    return fit(tagger, data, cfg, seed, dev=dev_eval, live=live)
+    return fit(tagger, data, cfg, seed, dev=dev_eval, live=live, run_dir=run_dir)
 
 
 def build_crf_tagger(cfg: dict, train: pa.Table, cls: type[CRFTagger] = CRFTagger, **extra) -> CRFTagger:
@@ -115,18 +123,20 @@ def train_and_save(
     started: float,
     dev_eval: DevEval | None = None,
     summary: dict | None = None,
+    run_dir: Path | None = None,
+    files: dict[str, dict] | None = None,
 ) -> FitResult:
-    """``fit_tagger`` logging to dvclive/<name>, then write models/<name> (the best epoch, and
-    train_summary.json with ``summary`` merged in) under ``root``; ``started`` is when the run began
-    (perf_counter)."""
-    from dvclive import Live
-
+    """``fit_tagger`` logging to dvclive/<name>, then write models/<name> (the best epoch, train_summary.json
+    with ``summary`` merged in, the JSON ``files`` by name, e.g. vision.json, and the model card, README.md)
+    under ``root``; ``started`` is when the run began (perf_counter), ``run_dir`` holds its checkpoints. Only
+    the main process logs and writes."""
     data = train if isinstance(train, TrainingSet) else TrainingSet(tagger, train)
-    # No dvc.yaml edits and no experiment commits: the pipeline's dvc.yaml declares these files, and
-    # experiments are made by `dvc exp run`, not by the logger.
-    with Live(dir=str(root / "dvclive" / name), save_dvc_exp=False, dvcyaml=False) as live:
-        result = fit_tagger(tagger, data, dev, cfg, seed, live, dev_eval)
-        live.summary.update({"best_epoch": result.best_epoch, f"best_dev_{result.dev_metric}": result.best_dev})
+    with live_log(root, name) as live:
+        result = fit_tagger(tagger, data, dev, cfg, seed, live, dev_eval, run_dir)
+        if live is not None:
+            live.summary.update({"best_epoch": result.best_epoch, f"best_dev_{result.dev_metric}": result.best_dev})
+    if not is_main_process():
+        return result
 
     summary = {
         "best_epoch": result.best_epoch,
@@ -135,6 +145,8 @@ def train_and_save(
         "train_tweets": len(data),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "train_seconds": round(result.train_seconds, 2),
+        "stopped_early": result.stopped_early,
+        "processes": processes(),
         "train_sentences_per_s": round(result.sentences_per_s, 1),
         "torch_threads": torch.get_num_threads(),
         "alignment": {"train": data.alignment.as_dict(),
@@ -145,8 +157,27 @@ def train_and_save(
     with atomic_dir(root / "models" / name) as tmp:
         tagger.save(tmp)
         write_json(tmp / SUMMARY_FILE, summary)
+        for file, content in (files or {}).items():
+            write_json(tmp / file, content)
+        write_card(tmp, name, {"seed": seed, **cfg})
     log.info("best epoch %d, dev %s %.2f", result.best_epoch, result.dev_metric, result.best_dev)
     return result
+
+
+def live_log(root: Path, name: str):
+    """DVCLive under dvclive/<name> on the main process (a context yielding None elsewhere). No dvc.yaml
+    edits and no experiment commits: the pipeline's dvc.yaml declares these files, and experiments are made
+    by `dvc exp run`, not by the logger."""
+    from dvclive import Live
+
+    if not is_main_process():
+        return contextlib.nullcontext()
+    return Live(dir=str(root / "dvclive" / name), save_dvc_exp=False, dvcyaml=False)
+
+
+def prepared_inputs(root: Path) -> list[Path]:
+    """The prepared splits every train stage reads (for its run folder's key)."""
+    return [root / "data" / "prepared" / f"{split}.parquet" for split in ("train", "dev")]
 
 
 def run_stage(params: dict, root: str | Path = ".") -> None:
@@ -157,4 +188,5 @@ def run_stage(params: dict, root: str | Path = ".") -> None:
     started = time.perf_counter()
     device = start_run(seed, params["base"]["device"], cfg.get("threads"))
     tagger = build_crf_tagger(cfg, train).to(device)
-    train_and_save(tagger, train, dev, cfg, seed, root, "tagger", started)
+    run_dir = run_folder(root, params, "train", prepared_inputs(root), processes())
+    train_and_save(tagger, train, dev, cfg, seed, root, "tagger", started, run_dir=run_dir)

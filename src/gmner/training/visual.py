@@ -1,5 +1,6 @@
 """Training any visual model (gmner.models.visual_model): its training set, the dev score that selects the epoch,
-and ``VisualRun``, the start and finish that the ``train_*`` stages of the visual models share."""
+and ``VisualRun``, the start and finish that the ``train_*`` stages of the visual models share; a model folder
+also records the vision pipeline that made its inputs (gmner.vision.record), so it predicts new images."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from gmner.core.params import fit_params
 from gmner.evaluation.scoring import score
 from gmner.models.visual_model import VisualModel, VisualPredictor
 from gmner.models.visual_store import DEFAULT_PATHS, VisualStore
-from gmner.training.loop import DevEval, dev_metric, start_run
-from gmner.training.tagger import TrainingSet, read_train_dev, train_and_save
+from gmner.training.loop import DevEval, dev_metric, processes, start_run
+from gmner.training.resume import run_folder
+from gmner.training.tagger import TrainingSet, prepared_inputs, read_train_dev, train_and_save
+from gmner.vision.record import RECORD_FILE, vision_record
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class VisualRun:
                training_set: type[VisualTrainingSet] = VisualTrainingSet) -> None:
         """Train ``model`` (on ``device``) with epochs selected on dev ``task`` F1 ("mner", or "gmner" under
         the candidates protocol), and save it."""
+        vision = vision_record(self.params, self.root, model.extras)  # fails before training, not after
         data = training_set(model, self.train, self.store)
         model.fit_feature_statistics(data.visuals)
         summary = {"train_visual": dict(data.coverage), "dev_visual": dict(self.store.lookup_table(self.dev)[1]),
@@ -84,5 +88,7 @@ class VisualRun:
         log.info("%s: %s", name, summary)
         regions = self.store.regions if task == "gmner" else None
         score_dev = dev_score(VisualPredictor(model, self.store), self.dev, task, regions)
+        inputs = [*prepared_inputs(self.root), *self.store.sources]
+        run_dir = run_folder(self.root, self.params, self.group, inputs, processes())
         train_and_save(model, data, self.dev, self.cfg, self.params["base"]["seed"], self.root, name, self.started,
-                       score_dev, summary)
+                       score_dev, summary, run_dir, files={RECORD_FILE: vision} if vision else None)

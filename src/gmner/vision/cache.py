@@ -6,7 +6,9 @@ model and the stage params that affect it, and rebuild their Parquet outputs in 
 A re-run after adding tweets costs model calls for the new items only.
 
 Entries are written atomically (temp file + rename) and carry a sha256 of their payload, so a run killed
-at any moment leaves either a whole entry or none, and a corrupted entry is detected and recomputed.
+at any moment leaves either a whole entry or none. Anything else found where an entry should be (damaged
+bytes, a directory, a FIFO, an unreadable file, a payload its codec cannot decode) is a ``corrupt`` entry:
+removed, counted, and recomputed.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from gmner.core.atomic import write_bytes
+from gmner.core.files import Refused, open_input
 
 _MAGIC = b"GMNC1"
 
@@ -56,21 +61,36 @@ class ItemCache:
     def get(self, key: str) -> bytes | None:
         path = self._path(key)
         try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
+            with open_input(path) as fh:
+                blob = fh.read()
+        except Refused as exc:
+            if exc.kind != "missing" or os.path.lexists(path):  # a directory, a FIFO, a dangling link, ...
+                return self.invalidate(key)
             self.misses += 1
             return None
+        except OSError:  # unreadable
+            return self.invalidate(key)
         head, payload = blob[: len(_MAGIC) + 32], blob[len(_MAGIC) + 32 :]
         if head[: len(_MAGIC)] != _MAGIC or head[len(_MAGIC) :] != hashlib.sha256(payload).digest():
-            path.unlink(missing_ok=True)
-            self.corrupt += 1
-            self.misses += 1
-            return None
+            return self.invalidate(key)
         self.hits += 1
         return payload
 
+    def invalidate(self, key: str) -> None:
+        """Count the entry of ``key`` as corrupt (a miss) and remove whatever is in its place; returns None."""
+        path = self._path(key)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        self.corrupt += 1
+        self.misses += 1
+
     def put(self, key: str, payload: bytes) -> None:
-        write_bytes(self._path(key), _MAGIC + hashlib.sha256(payload).digest() + payload)
+        path = self._path(key)
+        if os.path.lexists(path.parent) and not path.parent.is_dir():  # a file where the shard folder goes
+            path.parent.unlink()
+        write_bytes(path, _MAGIC + hashlib.sha256(payload).digest() + payload)
 
     def get_json(self, key: str):
         blob = self.get(key)

@@ -19,7 +19,7 @@ from gmner.core.params import check_keys
 from gmner.vision.cache import ItemCache
 from gmner.vision.inputs import ImageLoad, distinct_images, image_policy, prepared_tables
 from gmner.vision.models import Captioner
-from gmner.vision.runner import JSON, Item, run_items, stage_device, write_summary
+from gmner.vision.runner import JSON, Item, StageRun, run_items, stage_device, write_summary
 
 PARAMS = (  # the keys of the `caption` params group
     "model", "tiny", "precision", "batch_size", "num_workers", "generate", "max_pixels", "max_side", "policy",
@@ -34,18 +34,7 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     images = distinct_images(prepared_tables(params, root), root)
     cache_root = root / base["cache_root"]
     captioner = Captioner(cfg, base["seed"], device, hash_memo=cache_root / "file_hashes")
-    generate = dict(cfg["generate"])
-    run = run_items(
-        [Item(sha, path) for sha, path in images.items()],
-        cache=ItemCache(cache_root, "caption", digest(captioner.fingerprint, generate)),
-        compute=lambda batch: captioner(batch, rows=cfg["batch_size"], **generate),
-        load=ImageLoad(cfg["max_pixels"], cfg["max_side"]),
-        codec=JSON,
-        policy=image_policy(cfg["policy"], "caption.policy"),
-        batch_size=cfg["batch_size"],
-        num_workers=cfg["num_workers"],
-        desc="caption",
-    )
+    run = caption_images(captioner, cfg, cache_root, images)
     if not run.is_main:
         return None
     rows = []
@@ -57,3 +46,19 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
                "flagged": sum(row["caption"] is None for row in rows)}
     write_summary(root / "data" / "caption_summary.json", summary, "caption")
     return summary
+
+
+def caption_images(captioner: Captioner, cfg: dict, cache_root: Path, images: dict[str, str]) -> StageRun:
+    """The caption of each image (``images``: sha256 -> file) through the cache, ``cfg`` the caption params."""
+    generate = dict(cfg["generate"])
+    return run_items(
+        [Item(sha, path) for sha, path in images.items()],
+        cache=ItemCache(cache_root, "caption", digest(captioner.fingerprint, generate)),
+        compute=lambda batch: captioner(batch, rows=cfg["batch_size"], **generate),
+        load=ImageLoad(cfg["max_pixels"], cfg["max_side"]),
+        codec=JSON,
+        policy=image_policy(cfg["policy"], "caption.policy"),
+        batch_size=cfg["batch_size"],
+        num_workers=cfg["num_workers"],
+        desc="caption",
+    )

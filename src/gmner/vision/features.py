@@ -128,30 +128,10 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     generated = _generated_images(root)
     regions = pq.read_table(_required(root / "data" / "regions.parquet", "detect"), columns=["image_sha256", "boxes"])
     regions = sorted(regions.to_pylist(), key=lambda row: row["image_sha256"])
-    rows = cfg["batch_size"]  # every model call has exactly this many rows (see gmner.vision.models.fixed_batches)
-    common = dict(policy=image_policy(cfg["policy"], "features.policy"), codec=ARRAYS, batch_size=rows,
-                  num_workers=cfg["num_workers"])
-
-    def embed(paths: dict[str, str], tokens: bool, desc: str) -> StageRun:
-        return run_items(
-            [Item(sha, path) for sha, path in paths.items()],
-            cache=ItemCache(cache_root, "features-image", digest(encoder.fingerprint, tokens)),
-            compute=lambda pixels: embed_images(encoder, pixels, rows, tokens),
-            load=ImageLoad(cfg["max_pixels"], cfg["max_side"], encoder.preprocess),
-            desc=desc, **common,
-        )
-
-    runs = {"images": embed(originals, cfg["patch_tokens"], "features images"),
-            "generated": embed(generated, False, "features generated")}
-    region_keys = {row["image_sha256"]: digest(row["image_sha256"], row["boxes"]) for row in regions}
-    runs["regions"] = run_items(
-        [Item(region_keys[row["image_sha256"]], (_path_of(row["image_sha256"], originals), row["boxes"]))
-         for row in regions],
-        cache=ItemCache(cache_root, "features-region", encoder.fingerprint),
-        compute=lambda crops: _embed_stacks(encoder, crops, rows),
-        load=RegionCrops(cfg["max_pixels"], cfg["max_side"], encoder.preprocess),
-        desc="features regions", **common,
-    )
+    rows, common = cfg["batch_size"], _run_options(cfg)
+    runs = {"images": embed_originals(encoder, cfg, cache_root, originals, cfg["patch_tokens"], "features images"),
+            "generated": embed_originals(encoder, cfg, cache_root, generated, False, "features generated")}
+    runs["regions"], region_keys = embed_regions(encoder, cfg, cache_root, regions, originals, "features regions")
     by_split = dict(zip(params["prepare"]["files"], tables))
     masked = _masked_images([by_split[split] for split in cfg["masked"]["splits"]])
     masked_keys = {row["image_sha256"]: digest(row["image_sha256"], row["boxes"], fill) for row in masked}
@@ -186,6 +166,40 @@ def run_stage(params: dict, root: str | Path = ".") -> dict | None:
     summary = {"backend": cfg["backend"], "model": cfg["model"], "dim": dim, **combined_summary(runs)}
     write_summary(root / "data" / "features_summary.json", summary, "features")
     return summary
+
+
+def _run_options(cfg: dict) -> dict:
+    """The runner options every pass shares; every model call has exactly ``batch_size`` rows (see
+    gmner.vision.models.fixed_batches)."""
+    return dict(policy=image_policy(cfg["policy"], "features.policy"), codec=ARRAYS, batch_size=cfg["batch_size"],
+                num_workers=cfg["num_workers"])
+
+
+def embed_originals(encoder: ImageEncoder, cfg: dict, cache_root: Path, paths: dict[str, str], tokens: bool,
+                    desc: str) -> StageRun:
+    """The embedding (and with ``tokens`` the patch tokens) of each image, ``paths``: sha256 -> file."""
+    return run_items(
+        [Item(sha, path) for sha, path in paths.items()],
+        cache=ItemCache(cache_root, "features-image", digest(encoder.fingerprint, tokens)),
+        compute=lambda pixels: embed_images(encoder, pixels, cfg["batch_size"], tokens),
+        load=ImageLoad(cfg["max_pixels"], cfg["max_side"], encoder.preprocess),
+        desc=desc, **_run_options(cfg),
+    )
+
+
+def embed_regions(encoder: ImageEncoder, cfg: dict, cache_root: Path, regions: list[dict], originals: dict[str, str],
+                  desc: str) -> tuple[StageRun, dict[str, str]]:
+    """The embeddings of each image's candidate crops (``regions``: {image_sha256, boxes} sorted by sha256,
+    ``originals``: sha256 -> file), and image_sha256 -> item key."""
+    keys = {row["image_sha256"]: digest(row["image_sha256"], row["boxes"]) for row in regions}
+    run = run_items(
+        [Item(keys[row["image_sha256"]], (_path_of(row["image_sha256"], originals), row["boxes"])) for row in regions],
+        cache=ItemCache(cache_root, "features-region", encoder.fingerprint),
+        compute=lambda crops: _embed_stacks(encoder, crops, cfg["batch_size"]),
+        load=RegionCrops(cfg["max_pixels"], cfg["max_side"], encoder.preprocess),
+        desc=desc, **_run_options(cfg),
+    )
+    return run, keys
 
 
 def _fill_settings(cfg: dict, splits: Collection[str]) -> dict:
@@ -259,42 +273,45 @@ def _write_groups(path: Path, table_schema: pa.Schema, keys: Sequence, table_of:
 
 
 def _write_images(path: Path, run: StageRun, dim: int, token_shape: tuple[int, int] | None) -> None:
-    table_schema = schema.image_features_schema(dim, token_shape)
-
-    def table_of(shas: Sequence[str]) -> pa.Table:
-        found = [run.outcome(sha) for sha in shas]
-        columns = {"image_sha256": pa.array(shas, pa.string()),
-                   "embedding": _tensor_array([r and r["embedding"] for r, _ in found], (dim,))}
-        if token_shape is not None:
-            columns["patch_tokens"] = _tensor_array([r and r["tokens"] for r, _ in found], token_shape)
-        columns["skip_reason"] = pa.array([reason for _, reason in found], pa.string())
-        return pa.Table.from_pydict(columns, schema=table_schema)
-
     shas = sorted([*run.results, *run.skipped])  # every item: a result or a skip
-    _write_groups(path, table_schema, shas, table_of, 4 * (dim + math.prod(token_shape or (0,))))
+    _write_groups(path, schema.image_features_schema(dim, token_shape), shas,
+                  lambda chunk: images_table(run, chunk, dim, token_shape), 4 * (dim + math.prod(token_shape or (0,))))
+
+
+def images_table(run: StageRun, shas: Sequence[str], dim: int, token_shape: tuple[int, int] | None) -> pa.Table:
+    """The images.parquet rows of ``shas`` (each a result or a skip of ``run``)."""
+    found = [run.outcome(sha) for sha in shas]
+    columns = {"image_sha256": pa.array(shas, pa.string()),
+               "embedding": _tensor_array([r and r["embedding"] for r, _ in found], (dim,))}
+    if token_shape is not None:
+        columns["patch_tokens"] = _tensor_array([r and r["tokens"] for r, _ in found], token_shape)
+    columns["skip_reason"] = pa.array([reason for _, reason in found], pa.string())
+    return pa.Table.from_pydict(columns, schema=schema.image_features_schema(dim, token_shape))
 
 
 def _write_stacks(path: Path, table_schema: pa.Schema, images: list[dict], keys: dict[str, str], run: StageRun,
                   dim: int) -> None:
-    """One row per image of ``images`` (image_sha256 and boxes, sorted by image_sha256; ``keys``: image_sha256 ->
-    item key): its [K, dim] embeddings, and its boxes where ``table_schema`` has them (masked, not regions)."""
-
-    def table_of(rows: Sequence[dict]) -> pa.Table:
-        found = [run.outcome(keys[row["image_sha256"]]) for row in rows]
-        lengths = [len(r["embeddings"]) if r else 0 for r, _ in found]
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        values = np.concatenate([r["embeddings"] for r, _ in found if r] or [np.zeros((0, dim), np.float32)])
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), dim)
-        columns = {"image_sha256": pa.array([row["image_sha256"] for row in rows], pa.string()),
-                   "embeddings": pa.ListArray.from_arrays(offsets, vectors, type=pa.list_(schema.vector(dim)),
-                                                          mask=pa.array([r is None for r, _ in found])),
-                   "skip_reason": pa.array([reason for _, reason in found], pa.string())}
-        if "boxes" in table_schema.names:
-            columns["boxes"] = pa.array([row["boxes"] for row in rows], table_schema.field("boxes").type)
-        return pa.Table.from_pydict(columns, schema=table_schema)
-
     most = max((len(row["boxes"]) for row in images), default=1)
-    _write_groups(path, table_schema, images, table_of, 4 * dim * most)
+    _write_groups(path, table_schema, images, lambda rows: stacks_table(table_schema, rows, keys, run, dim),
+                  4 * dim * most)
+
+
+def stacks_table(table_schema: pa.Schema, rows: Sequence[dict], keys: dict[str, str], run: StageRun,
+                 dim: int) -> pa.Table:
+    """One row per image of ``rows`` (image_sha256 and boxes, sorted by image_sha256; ``keys``: image_sha256 ->
+    item key): its [K, dim] embeddings, and its boxes where ``table_schema`` has them (masked, not regions)."""
+    found = [run.outcome(keys[row["image_sha256"]]) for row in rows]
+    lengths = [len(r["embeddings"]) if r else 0 for r, _ in found]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    values = np.concatenate([r["embeddings"] for r, _ in found if r] or [np.zeros((0, dim), np.float32)])
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), dim)
+    columns = {"image_sha256": pa.array([row["image_sha256"] for row in rows], pa.string()),
+               "embeddings": pa.ListArray.from_arrays(offsets, vectors, type=pa.list_(schema.vector(dim)),
+                                                      mask=pa.array([r is None for r, _ in found])),
+               "skip_reason": pa.array([reason for _, reason in found], pa.string())}
+    if "boxes" in table_schema.names:
+        columns["boxes"] = pa.array([row["boxes"] for row in rows], table_schema.field("boxes").type)
+    return pa.Table.from_pydict(columns, schema=table_schema)
 
 
 def _write_text(path: Path, tweets: list[tuple[str, str, str]], keys: dict[str, str], run: StageRun,

@@ -14,10 +14,12 @@ rebuilds its Parquet outputs in full from the cache. Interface, for a stage auth
 
 - ``load(payload)`` runs in DataLoader worker processes (``num_workers``; 0: in this process) and returns
   anything picklable, e.g. a decoded image. Raising :class:`gmner.core.errors.DataError` marks the item bad: its
-  ``kind`` attribute (``"bad_item"`` when absent) is looked up in ``policy`` (reason -> action, read into a
+  ``kind`` attribute is looked up in ``policy`` (reason -> action, read into a
   :class:`gmner.core.errors.Policy` of this run): ``error`` stops the stage with the message, anything else skips
   the item, counted in the summary and listed with its reason in ``run.skipped``. Skipped items get no
-  result and are not cached (a missing file may appear later).
+  result and are not cached (a missing file may appear later). A DataError with no ``kind``, or one the policy
+  does not name, stops the stage (e.g. an image whose bytes changed since prepare, see
+  :class:`gmner.vision.inputs.PreparedImage`).
 - ``compute(loaded_list)`` runs in this process on one batch and returns one result per element, in order.
   Only cache misses reach it.
 - ``codec`` turns a result into cache bytes and back. Every result a stage sees is decoded from the cache,
@@ -25,7 +27,8 @@ rebuilds its Parquet outputs in full from the cache. Interface, for a stage auth
   computed now or earlier.
 
 Each finished batch is written to the cache at once (atomic per entry): a killed run loses at most the batch
-in flight and a rerun resumes. Corrupt entries are detected by the cache and recomputed.
+in flight and a rerun resumes. Corrupt entries (damaged, not a file, or not decodable by ``codec``) are
+counted, removed and recomputed.
 
 Memory: the runner holds the keys, the skip reasons and one batch (its loaded inputs and results), never
 all results: ``run.results`` decodes each result from the cache when it is read. A stage that reads them
@@ -141,7 +144,7 @@ def run_items(
     shard = ordered[rank::world]
 
     corrupt_before = cache.corrupt
-    misses = [item for item in shard if cache.get(item.key) is None]  # reads and checks each hit, keeps none
+    misses = [item for item in shard if not _cached(cache, item.key, codec)]  # decodes each hit, keeps none
     counts = Counter(cache_hits=len(shard) - len(misses), corrupt_entries=cache.corrupt - corrupt_before)
     label = f"{desc} [rank {rank}/{world}]" if world > 1 else desc
     batches = _load_batches(misses, load, batch_size, num_workers)
@@ -193,6 +196,19 @@ def write_summary(path: str | Path, summary: dict, stage: str) -> None:
              summary["cache_hits"], path)
 
 
+def _cached(cache: ItemCache, key: str, codec: Codec) -> bool:
+    """Whether ``key`` has an entry ``codec`` can decode; one it cannot is invalidated (counted corrupt)."""
+    blob = cache.get(key)
+    if blob is None:
+        return False
+    try:
+        codec.decode(blob)
+    except Exception:  # whatever a codec raises on checksummed bytes, the entry is bad: recompute it
+        cache.invalidate(key)
+        return False
+    return True
+
+
 def _load_batches(misses: list[Item], load, batch_size: int, num_workers: int):
     """Batches of (key, loaded, bad) with loading in DataLoader workers."""
     if not misses:
@@ -217,6 +233,8 @@ def _compute_misses(batches, total, cache, compute, policy, codec, counts, desc)
                     good.append((key, loaded))
                 else:
                     reason, where, message = bad
+                    if reason not in policy.actions:
+                        raise DataError(where, message)
                     policy.handle(reason, where, message)  # raises DataError when the policy says error
                     skipped[key] = reason
             if good:
@@ -248,7 +266,7 @@ class _LoadDataset:
             return item.key, self.load(item.payload), None
         except DataError as exc:
             # Exceptions with custom __init__ do not pickle across workers: send the parts instead.
-            return item.key, None, (getattr(exc, "kind", "bad_item"), exc.where, exc.reason)
+            return item.key, None, (getattr(exc, "kind", None), exc.where, exc.reason)
 
 
 def _merge_skip_reports(reports: list[dict]) -> dict:

@@ -3,16 +3,19 @@
 Used by Twitter-GMNER (Twitter10000) and the Twitter-2015 / 2017 MNER sets alike. Every problem is located
 as ``file:line`` and goes through the policy: ``error`` raises a DataError, ``skip`` drops the smallest unit
 (a line, or the tweet when the line's meaning is lost), ``repair`` fixes it in place; both are counted.
+The id names the tweet's image and xml files, so it must be one plain file name (``bad_id`` otherwise).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection
 
 from gmner.core import bio
 from gmner.core.errors import Policy
+from gmner.core.files import TEXT_BYTES, read_input
 
 HEADER = "IMGID:"
 
@@ -51,9 +54,12 @@ def read_conll(path: str | Path, policy: Policy, types: Collection[str] | None =
         seen[cur.id] = cur.header_line
         tweets.append(cur)
 
-    raw_lines = path.read_bytes().split(b"\n")
+    raw_lines = read_input(path, TEXT_BYTES).split(b"\n")
     if raw_lines[0].startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark is not part of the first line
         raw_lines[0] = raw_lines[0][3:]
+    if not any(raw.strip() for raw in raw_lines):
+        policy.handle("empty_file", name, "no tweets: the file is empty or blank")
+        return []
     for lineno, raw in enumerate(raw_lines, 1):
         where = f"{name}:{lineno}"
         try:
@@ -74,6 +80,9 @@ def read_conll(path: str | Path, policy: Policy, types: Collection[str] | None =
             if not cur.id:
                 policy.handle("malformed_line", where, "IMGID header without an id")
                 cur.dropped = True
+            elif problem := id_problem(cur.id):
+                policy.handle("bad_id", where, f"IMGID {cur.id!r} {problem}")
+                cur.dropped = True
             continue
         if cur is not None and (cur.dropped or bad_bytes):
             cur.dropped = True  # the whole tweet is skipped (and counted): its other lines need no checks
@@ -88,7 +97,10 @@ def read_conll(path: str | Path, policy: Policy, types: Collection[str] | None =
                 problem = f"empty token: {line!r}"
             policy.handle("malformed_line", where, problem)
             continue
-        token, tag = fields[0], fields[1].strip()
+        token, tag = fields
+        if token != token.strip() or tag != tag.strip():
+            policy.handle("token_whitespace", where, f"whitespace around the token or tag: {line!r}")
+            token, tag = token.strip(), tag.strip()
         if not _tag_ok(tag, types):
             allowed = "any type" if types is None else ", ".join(sorted(types))
             if policy.handle("unknown_tag", where, f"unknown tag {tag!r} (BIO over {allowed})") == "skip":
@@ -99,6 +111,18 @@ def read_conll(path: str | Path, policy: Policy, types: Collection[str] | None =
         cur.lines.append(lineno)
     close()
     return tweets
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` cannot name a file in the images folder (a path separator, ``..``, a control
+    character), or None."""
+    if image_id in (".", ".."):
+        return "is a relative folder name"
+    if "/" in image_id or "\\" in image_id:
+        return "contains a path separator"
+    if any(unicodedata.category(c).startswith("C") for c in image_id):  # NUL, ESC, bidi overrides, ...
+        return "contains a control character"
+    return None
 
 
 def _tag_ok(tag: str, types: Collection[str] | None) -> bool:

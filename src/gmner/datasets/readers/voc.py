@@ -8,14 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gmner.core.errors import DataError
+from gmner.core.files import XML_BYTES, read_input
 
 Box = tuple[float, float, float, float]  # xyxy pixels
 
 
 @dataclass
 class VocObject:
-    name: str | None  # the entity surface string; None when <name> is absent or empty
-    box: Box | None  # None when <bndbox> is absent or not numeric
+    name: str | None  # the entity surface string (the first <name>); None when absent or empty
+    box: Box | None  # the first <bndbox>; None when absent or not numeric
+    repeated: tuple[str, ...] = ()  # the tags it has more than once ("name", "bndbox"): which one is meant?
 
 
 @dataclass
@@ -25,20 +27,23 @@ class Voc:
     objects: list[VocObject]
 
 
-def read_voc(path: str | Path) -> Voc:
-    """Parse one VOC file; raises DataError (file, line and column) when it is not well-formed xml."""
+def read_voc(path: str | Path, root: str | Path | None = None) -> Voc:
+    """Parse one VOC file (a regular file of at most XML_BYTES, under ``root`` when given); raises DataError
+    (file, line and column) when it cannot be read or is not well-formed xml."""
+    data = read_input(path, XML_BYTES, root)
     try:
-        root = ET.parse(path).getroot()
+        doc = ET.fromstring(data)
     except ET.ParseError as e:
         line, col = e.position
         raise DataError(f"{Path(path).as_posix()}:{line}", f"xml not parseable (column {col + 1}): {e.msg}") from None
     objects = []
-    for obj in root.iter("object"):
+    for obj in doc.iter("object"):
         name = (obj.findtext("name") or "").strip() or None
         bndbox = obj.find("bndbox")
         box = None if bndbox is None else _numbers(bndbox, ("xmin", "ymin", "xmax", "ymax"))
-        objects.append(VocObject(name, box))
-    size = root.find("size")
+        repeated = tuple(tag for tag in ("name", "bndbox") if len(obj.findall(tag)) > 1)
+        objects.append(VocObject(name, box, repeated))
+    size = doc.find("size")
     wh = None if size is None else _numbers(size, ("width", "height"))
     width, height = (int(wh[0]), int(wh[1])) if wh and wh[0] > 0 and wh[1] > 0 else (None, None)
     return Voc(width, height, objects)

@@ -44,6 +44,14 @@ class Detector(Protocol):
         """(sha256 -> {"boxes", "scores", "labels"} best first, a summary of the ranking) from the cached
         results of every image; ``train_gold`` holds the train split's gold boxes per image."""
 
+    def fit_ranking(self, results: dict[str, dict], images: dict[str, ImageRecord],
+                    train_gold: dict[str, np.ndarray]) -> dict:
+        """What ``rank`` learns from the train split, JSON-ready: a model folder keeps it (vision.json) so that
+        :meth:`apply_ranking` ranks new images exactly as the detect stage ranked the pipeline's."""
+
+    def apply_ranking(self, results: dict[str, dict], images: dict[str, ImageRecord], fitted: dict) -> dict:
+        """``rank``'s lists, best first, with a state ``fit_ranking`` returned."""
+
 
 class RankedPerImage:
     """For backends whose cached result of an image is already its top-K list, best first."""
@@ -56,6 +64,13 @@ class RankedPerImage:
 
     def rank(self, results: dict[str, dict], images: dict[str, ImageRecord], train_gold: dict[str, np.ndarray]):
         return results, {}
+
+    def fit_ranking(self, results: dict[str, dict], images: dict[str, ImageRecord],
+                    train_gold: dict[str, np.ndarray]) -> dict:
+        return {}  # nothing is fitted
+
+    def apply_ranking(self, results: dict[str, dict], images: dict[str, ImageRecord], fitted: dict) -> dict:
+        return results
 
 
 @dataclass(frozen=True)

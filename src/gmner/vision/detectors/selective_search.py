@@ -93,12 +93,24 @@ class SelectiveSearchDetector:
     def rank(self, proposals: dict[str, dict], images: dict[str, ImageRecord], train_gold: dict[str, np.ndarray]):
         """Each image's ranked candidate list (all of it, best first) from its cached proposals, and what the
         ranking learned. ``train_gold``: sha256 -> gold boxes of the train split's images (the fit's labels)."""
-        scorer = None
-        if self.ranking == "learned":
-            scorer = ProposalScorer.fit(
-                [(_boxes(proposals[sha]), images[sha], gold) for sha, gold in train_gold.items() if sha in proposals],
-                self.l2,
-            )
+        fitted = self.fit_ranking(proposals, images, train_gold)
+        summary = {"scorer": ProposalScorer.from_state(fitted["scorer"]).summary()} if fitted else {}
+        return self.apply_ranking(proposals, images, fitted), {"ranking": self.ranking, **summary}
+
+    def fit_ranking(self, proposals: dict[str, dict], images: dict[str, ImageRecord],
+                    train_gold: dict[str, np.ndarray]) -> dict:
+        """What ranking learns from the train split, JSON-ready (exact floats): the scorer's state, or {}."""
+        if self.ranking != "learned":
+            return {}
+        scorer = ProposalScorer.fit(
+            [(_boxes(proposals[sha]), images[sha], gold) for sha, gold in train_gold.items() if sha in proposals],
+            self.l2,
+        )
+        return {"scorer": scorer.state()}
+
+    def apply_ranking(self, proposals: dict[str, dict], images: dict[str, ImageRecord], fitted: dict) -> dict:
+        """Each image's ranked candidate list with the state ``fit_ranking`` returned (also on new images)."""
+        scorer = ProposalScorer.from_state(fitted["scorer"]) if fitted else None
         ranked = {}
         for sha, result in proposals.items():
             boxes = _boxes(result)
@@ -107,7 +119,7 @@ class SelectiveSearchDetector:
             else:
                 scores = scorer.score(boxes, images[sha])
             ranked[sha] = select_top_k(boxes, scores, [LABEL] * len(boxes), len(boxes), self.nms_iou)
-        return ranked, {"ranking": self.ranking, **({"scorer": scorer.summary()} if scorer else {})}
+        return ranked
 
 
 def _boxes(result: dict) -> np.ndarray:
@@ -167,6 +179,17 @@ class ProposalScorer:
     def score(self, boxes: np.ndarray, image: ImageRecord) -> np.ndarray:
         x = (proposal_features(boxes, image.width, image.height) - self.mean) / self.std
         return x @ self.weights[:-1] + self.weights[-1]
+
+    def state(self) -> dict:
+        """Everything ``score`` uses, as lists of exact floats (JSON keeps float64 exactly)."""
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "weights": self.weights.tolist(),
+                "examples": self.examples, "positives": self.positives, "iterations": self.iterations}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ProposalScorer:
+        arrays = {key: np.asarray(state[key], dtype=np.float64) for key in ("mean", "std", "weights")}
+        return cls(**arrays, examples=state["examples"], positives=state["positives"],
+                   iterations=state["iterations"])
 
     def summary(self) -> dict:
         return {
