@@ -74,12 +74,10 @@ class Predictor:
                  precision: str | None = None, batch_size: int = 64):
         from gmner.core.params import resolve_device
         from gmner.models.predictor import load as load_model
-        from gmner.models.tagger import MODEL_FILE
+        from gmner.models.predictor import model_folder
         from gmner.vision.record import RECORD_FILE
 
-        self.path, self.device, self.precision = Path(path), resolve_device(device), precision
-        if not (self.path / MODEL_FILE).is_file():
-            raise DataError(str(self.path), f"not a trained model folder (no {MODEL_FILE}), e.g. models/tagger")
+        self.path, self.device, self.precision = model_folder(path), resolve_device(device), precision
         self.cache = Path(cache) if cache is not None else default_cache()
         record_path = self.path / RECORD_FILE
         self.record = json.loads(record_path.read_text()) if record_path.is_file() else None

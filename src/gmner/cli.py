@@ -45,6 +45,14 @@ def _check_writable(path: Path, folder: bool = False) -> None:
         raise DataError(str(path), f"the folder {parent} is not writable")
 
 
+def _check_precision(precision: str | None) -> None:
+    """``--precision``: unset (as recorded), or one of the precisions a param takes."""
+    from gmner.core.param_spec import PRECISION
+
+    if precision is not None:
+        PRECISION.check(precision, "--precision")
+
+
 def _stage_command(name: str):
     def command(params: Path = ParamsOpt, overrides: Optional[list[str]] = SetOpt) -> None:
         run(name, params, overrides)
@@ -83,13 +91,12 @@ def predict(
     batch_size: int = typer.Option(64, min=1, help="tweets per model batch"),
 ) -> None:
     from gmner.core.params import resolve_device
+    from gmner.models.predictor import model_folder
     from gmner.predict import predict_jsonl
 
     resolve_device(device, "--device")
-    if precision not in (None, "fp32", "fp16", "bf16"):
-        raise DataError("--precision", f"{precision!r} is not one of fp32, fp16, bf16")
-    if not (model_dir / "model.json").is_file():
-        raise DataError(str(model_dir), "not a trained model folder (no model.json), e.g. models/tagger")
+    _check_precision(precision)
+    model_folder(model_dir)
     _check_writable(output_path)
     if draw is not None:
         _check_writable(draw, folder=True)
@@ -112,8 +119,7 @@ def serve(
     from gmner.serve import Limits
     from gmner.serve import serve as run_server
 
-    if precision not in (None, "fp32", "fp16", "bf16"):
-        raise DataError("--precision", f"{precision!r} is not one of fp32, fp16, bf16")
+    _check_precision(precision)
     run_server(model_dir, host, port, Limits(max_request_bytes, max_image_pixels, max_text_chars), device=device,
                cache=cache, precision=precision)
 
@@ -127,9 +133,9 @@ def card(
     import json
 
     from gmner.models.card import write_card
+    from gmner.models.predictor import model_folder
 
-    if not (model_dir / "model.json").is_file():
-        raise DataError(str(model_dir), "not a trained model folder (no model.json), e.g. models/tagger")
+    model_folder(model_dir)
     metrics = metrics or Path("metrics") / f"{model_dir.name}.json"
     typer.echo(write_card(model_dir, metrics=json.loads(metrics.read_text()) if metrics.is_file() else None))
 

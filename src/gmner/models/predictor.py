@@ -56,6 +56,14 @@ LAZY_LOADERS = {
 }
 
 
+def model_folder(path: str | Path) -> Path:
+    """``path`` if it is a trained model folder (it holds model.json), else a DataError naming it."""
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file():
+        raise DataError(str(path), f"not a trained model folder (no {MODEL_FILE}), e.g. models/tagger")
+    return path
+
+
 def load(model_dir: str | Path, device: str | torch.device = "cpu", store=None) -> Predictor:
     """The predictor for the model saved in ``model_dir``, on ``device``; a model that reads visual inputs reads
     them from ``store`` (a VisualStore; default: the tables its ``visual_paths`` name)."""
